@@ -1,0 +1,40 @@
+# omni-train: `make demo` and `make test` create .venv when it is absent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast lint clean-demo
+
+venv: $(STAMP)
+
+# Torch goes first so that deepspeed and the range in pyproject.toml keep this CPU build
+# instead of pulling a CUDA one. The stamp makes re-runs instant until pyproject changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash launch/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check omni_train data_pipelines tests
+	$(VENV)/bin/ruff format --check omni_train data_pipelines tests
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,55 @@
+"""The structured configs that Hydra composes and validates (defaults live here once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from omni_train.curriculum.config import CurriculumConfig
+from omni_train.data.config import DataConfig
+from omni_train.diffusion.config import DiffusionConfig
+from omni_train.models.config import ModelConfig
+from omni_train.trainer.config import LoggerConfig, TrainerConfig
+
+
+@dataclass
+class TrainConfig:
+    # Names the run in W&B (group) and in the run dir's metadata.
+    experiment: str = "default"
+    run_dir: str = MISSING
+    seed: int = 0
+    # Validate the config and the shards, print the resolved config, and exit.
+    check_only: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class SampleConfig:
+    # A checkpoint folder (run_dir/checkpoints/step_N) or a run dir (its newest checkpoint).
+    checkpoint: str = MISSING
+    # An image (png/jpg) or a video whose first frame is used.
+    ref_image: str = MISSING
+    # Any file with an audio track (wav, mp3, mp4 ...); resampled to 16 kHz mono.
+    audio: str = MISSING
+    out: str = MISSING
+    caption: str = ""
+    # Length of the output; 0 means the length of the audio.
+    seconds: float = 0.0
+    # Frames per segment (1 + 4k); 0 means the training clip length.
+    segment_frames: int = 0
+    # Overrides the run's diffusion.sampling_steps when > 0.
+    sampling_steps: int = 0
+    seed: int = 0
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="sample_schema", node=SampleConfig)
