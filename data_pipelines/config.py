@@ -1,0 +1,117 @@
+"""Structured configs of the data pipeline entry points (defaults live here once)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TagThresholds:
+    """Every threshold that turns measured scores into condition tiers (see tags.py)."""
+
+    # text: a caption with at least this many characters is "strong"; shorter or none is
+    # "weak" (the clip still trains the text task as an unconditional / empty-prompt sample).
+    text_strong_min_chars: int = 1
+    # ref: variance of the Laplacian of the grey frames (0-255 scale).
+    ref_strong_sharpness: float = 60.0
+    ref_weak_sharpness: float = 20.0
+    # ref "strong" needs motion: mean absolute frame difference (0-1 scale) or, with
+    # keypoints, mean joint displacement per frame (normalised units). A nearly frozen clip
+    # teaches little beyond copying the reference (the paper's motion-amplitude filter).
+    ref_strong_motion: float = 0.004
+    ref_strong_keypoint_motion: float = 0.002
+    # audio: fraction of the clip's 10 ms hops that the energy detector marks as voice.
+    audio_weak_speech_fraction: float = 0.1
+    audio_strong_speech_fraction: float = 0.35
+    # audio: clips quieter than this (RMS over the clip, dBFS) are "none".
+    audio_min_loudness_dbfs: float = -50.0
+    # audio strong: head keypoints (nose and both eyes) visible in this fraction of frames.
+    audio_strong_head_visibility: float = 0.9
+    # audio strong: lip-sync proxy (mouth-region darkness vs. audio energy, Pearson r).
+    audio_strong_lip_sync: float = 0.3
+    # pose: mean fraction of the 17 joints visible per frame.
+    pose_strong_visibility: float = 0.85
+    pose_weak_visibility: float = 0.4
+    # pose: median joint acceleration (normalised units per frame^2); larger means jitter.
+    pose_strong_max_jitter: float = 0.02
+    pose_weak_max_jitter: float = 0.06
+
+
+@dataclass
+class VoiceActivityConfig:
+    """Energy-based voice activity detection over 16 kHz mono audio."""
+
+    frame_seconds: float = 0.03
+    hop_seconds: float = 0.01
+    # A hop is voiced when its energy is above this absolute level ...
+    min_dbfs: float = -50.0
+    # ... and this many dB above the source track's noise floor (10th percentile of hops).
+    margin_over_floor_db: float = 15.0
+
+
+@dataclass
+class ShardConfig:
+    input_dir: str = MISSING
+    output_dir: str = MISSING
+    # Clips are decoded at this frame rate (nearest source frame) and stored at it.
+    fps: float = 8.0
+    clip_seconds: float = 3.0
+    # A shot's tail shorter than this is dropped; 2.25 s at 8 fps = 18 frames, enough for a
+    # 17-frame training window plus a reference frame outside it.
+    min_clip_seconds: float = 2.25
+    # Longest side of the stored clip in pixels (downscale only; sides made even).
+    max_side: int = 160
+    max_samples_per_shard: int = 4
+    max_shard_bytes: int = 1_000_000_000
+    # Shot boundary when the frame-change score (0-1) exceeds this and stands out from its
+    # neighbourhood (see clips.py).
+    shot_threshold: float = 0.3
+    # Clips whose grey frames have a mean standard deviation below this (0-255) are blank.
+    min_frame_contrast: float = 3.0
+    audio_sample_rate: int = 16000
+    # x264 constant rate factor of the stored clips (lower is better quality, larger files).
+    crf: int = 20
+    # Sources processed in parallel (1 = in this process).
+    workers: int = 1
+    vad: VoiceActivityConfig = field(default_factory=VoiceActivityConfig)
+    thresholds: TagThresholds = field(default_factory=TagThresholds)
+
+
+def output_fingerprint(cfg: ShardConfig) -> dict:
+    """The settings that shape the outputs, flat ("thresholds.pose_weak_visibility": 0.4);
+    a resumed run must use the same ones."""
+    flat: dict = {}
+
+    def visit(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                visit(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    visit("", asdict(cfg))
+    for key in ("input_dir", "output_dir", "workers"):
+        flat.pop(key)
+    return flat
+
+
+@dataclass
+class SampleCorpusConfig:
+    out_dir: str = MISSING
+    seed: int = 0
+    num_clips: int = 6
+    fps: int = 25
+    audio_sample_rate: int = 16000
+    # "auto": espeak-ng speech when it is on PATH, else a synthetic voice; or force one.
+    voice: str = "auto"
+    # Write the deliberately corrupt broken.mp4 next to the clips.
+    write_broken: bool = True
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="shard_schema", node=ShardConfig)
+    store.store(name="sample_corpus_schema", node=SampleCorpusConfig)

@@ -1,0 +1,178 @@
+"""Measurements of one clip: audio activity and loudness, motion, sharpness, pose quality.
+
+Every function is pure (arrays in, floats out). Images are uint8 RGB (T, H, W, 3); audio is
+float32 mono in [-1, 1]; keypoints are (T, 17, 3) [x, y, visibility] normalised to [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipelines.config import VoiceActivityConfig
+
+SILENCE_DBFS = -120.0
+HEAD_JOINTS = (0, 1, 2)  # nose and both eyes (COCO-17)
+VISIBLE = 0.5
+MIN_MOUTH_CHANGE = 1.0  # grey levels (std over the clip) for the lip-sync proxy to apply
+
+
+# ----------------------------------------------------------------------------- audio
+def hop_energies_dbfs(audio: np.ndarray, sample_rate: int, vad: VoiceActivityConfig) -> np.ndarray:
+    """Energy (dBFS) of each ``frame_seconds`` window, one per ``hop_seconds``."""
+    frame = max(1, round(vad.frame_seconds * sample_rate))
+    hop = max(1, round(vad.hop_seconds * sample_rate))
+    if len(audio) < frame:
+        return np.full(1, loudness_dbfs(audio))
+    starts = np.arange(0, len(audio) - frame + 1, hop)
+    power = np.array([np.mean(audio[s : s + frame].astype(np.float64) ** 2) for s in starts])
+    return np.maximum(10.0 * np.log10(np.maximum(power, 1e-12)), SILENCE_DBFS)
+
+
+def noise_floor_dbfs(audio: np.ndarray, sample_rate: int, vad: VoiceActivityConfig) -> float:
+    """The track's background level: the 10th percentile of its hop energies."""
+    return float(np.percentile(hop_energies_dbfs(audio, sample_rate, vad), 10))
+
+
+def voice_activity(
+    audio: np.ndarray, sample_rate: int, vad: VoiceActivityConfig, floor_dbfs: float | None = None
+) -> np.ndarray:
+    """Boolean per hop: loud enough in absolute terms and well above the noise floor.
+
+    Pass the floor of the whole source track when measuring a piece of it, so that a clip
+    that is speech from start to end is not judged against its own (speech) level.
+    """
+    energies = hop_energies_dbfs(audio, sample_rate, vad)
+    floor = float(np.percentile(energies, 10)) if floor_dbfs is None else floor_dbfs
+    return (energies > vad.min_dbfs) & (energies > floor + vad.margin_over_floor_db)
+
+
+def speech_fraction(
+    audio: np.ndarray, sample_rate: int, vad: VoiceActivityConfig, floor_dbfs: float | None = None
+) -> float:
+    """Fraction of hops that the energy detector marks as voice."""
+    if len(audio) == 0:
+        return 0.0
+    return float(voice_activity(audio, sample_rate, vad, floor_dbfs).mean())
+
+
+def loudness_dbfs(audio: np.ndarray) -> float:
+    """RMS level in dBFS (full-scale sine = -3 dBFS); digital silence is -120."""
+    if len(audio) == 0:
+        return SILENCE_DBFS
+    rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+    return max(SILENCE_DBFS, 20.0 * np.log10(max(rms, 1e-12)))
+
+
+def frame_rms(audio: np.ndarray, sample_rate: int, fps: float, num_frames: int) -> np.ndarray:
+    """RMS of the audio under each video frame."""
+    per_frame = sample_rate / fps
+    out = np.zeros(num_frames, np.float64)
+    for i in range(num_frames):
+        span = audio[round(i * per_frame) : round((i + 1) * per_frame)]
+        out[i] = np.sqrt(np.mean(span.astype(np.float64) ** 2)) if len(span) else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- image
+def grey(frames: np.ndarray) -> np.ndarray:
+    return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def motion(frames: np.ndarray) -> float:
+    """Mean absolute difference between consecutive grey frames, 0-1 scale."""
+    if len(frames) < 2:
+        return 0.0
+    g = grey(frames)
+    return float(np.abs(np.diff(g, axis=0)).mean() / 255.0)
+
+
+def sharpness(frames: np.ndarray) -> float:
+    """Mean over frames of the variance of the 4-neighbour Laplacian (0-255 grey)."""
+    g = grey(frames)
+    lap = (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
+           - 4.0 * g[:, 1:-1, 1:-1])  # fmt: skip
+    return float(lap.reshape(len(g), -1).var(axis=1).mean())
+
+
+def contrast(frames: np.ndarray) -> float:
+    """Mean over frames of the standard deviation of grey levels (0-255); ~0 means blank."""
+    return float(grey(frames).reshape(len(frames), -1).std(axis=1).mean())
+
+
+def brightness(frames: np.ndarray) -> float:
+    return float(grey(frames).mean() / 255.0)
+
+
+# ----------------------------------------------------------------------------- pose
+def visible_mask(keypoints: np.ndarray) -> np.ndarray:
+    return keypoints[..., 2] >= VISIBLE
+
+
+def pose_visibility(keypoints: np.ndarray) -> float:
+    """Mean fraction of the 17 joints visible per frame."""
+    return float(visible_mask(keypoints).mean())
+
+
+def head_visibility(keypoints: np.ndarray) -> float:
+    """Fraction of frames where the nose and both eyes are visible."""
+    return float(visible_mask(keypoints)[:, HEAD_JOINTS].all(axis=1).mean())
+
+
+def keypoint_motion(keypoints: np.ndarray) -> float:
+    """Mean displacement per frame of joints visible in both frames (normalised units)."""
+    if len(keypoints) < 2:
+        return 0.0
+    both = visible_mask(keypoints[1:]) & visible_mask(keypoints[:-1])
+    if not both.any():
+        return 0.0
+    step = np.linalg.norm(np.diff(keypoints[..., :2], axis=0), axis=-1)
+    return float(step[both].mean())
+
+
+def pose_jitter(keypoints: np.ndarray) -> float:
+    """Median |acceleration| of joints visible in three consecutive frames; high = unstable."""
+    if len(keypoints) < 3:
+        return 0.0
+    vis = visible_mask(keypoints)
+    valid = vis[2:] & vis[1:-1] & vis[:-2]
+    if not valid.any():
+        return 0.0
+    xy = keypoints[..., :2]
+    accel = np.linalg.norm(xy[2:] - 2 * xy[1:-1] + xy[:-2], axis=-1)
+    return float(np.median(accel[valid]))
+
+
+# ----------------------------------------------------------------------------- lip sync
+def lip_sync(
+    frames: np.ndarray, keypoints: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float
+) -> float | None:
+    """Pearson r between mouth-region darkness and audio energy per frame, or None.
+
+    An open mouth is darker than closed lips, so on a talking face the region below the nose
+    darkens when the voice is loud. The region moves with the nose and scales with the eye
+    distance; frames without nose and eyes are skipped. A cheap, model-free stand-in for a
+    SyncNet score: near 0 for unrelated audio, clearly positive for lips that follow it.
+    """
+    height, width = frames.shape[1:3]
+    g = grey(frames)
+    darkness, energy = [], []
+    rms = frame_rms(audio, sample_rate, fps, len(frames))
+    for i, points in enumerate(keypoints):
+        if not (points[list(HEAD_JOINTS), 2] >= VISIBLE).all():
+            continue
+        nose = points[0, :2] * (width, height)
+        eye_distance = float(np.linalg.norm((points[1, :2] - points[2, :2]) * (width, height)))
+        if eye_distance < 2.0:
+            continue
+        cx, cy = nose[0], nose[1] + 0.5 * eye_distance
+        half_w, half_h = max(1.0, 0.45 * eye_distance), max(1.0, 0.3 * eye_distance)
+        top, bottom = int(max(0, cy - half_h)), int(min(height, np.ceil(cy + half_h)))
+        left, right = int(max(0, cx - half_w)), int(min(width, np.ceil(cx + half_w)))
+        if bottom <= top or right <= left:
+            continue
+        darkness.append(255.0 - float(g[i, top:bottom, left:right].mean()))
+        energy.append(rms[i])
+    # A mouth region that barely changes gives no evidence either way.
+    if len(darkness) < 4 or np.std(darkness) < MIN_MOUTH_CHANGE or np.std(energy) < 1e-6:
+        return None
+    return float(np.corrcoef(darkness, energy)[0, 1])

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+from collections import Counter
+
+import pytest
+import torch
+
+from omni_train.data import DataConfig, build_loader, shard_list
+from omni_train.data import stream as stream_module
+
+
+def _cfg(pattern: str, **overrides) -> DataConfig:
+    base = dict(
+        shards=pattern, resolution=[16, 16], num_frames=9, fps=8.0, batch_size=2, shuffle_buffer=4
+    )
+    return DataConfig(**{**base, **overrides})
+
+
+def _take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["keys"]]
+
+
+# ----------------------------------------------------------------------------- shard lists
+def test_shard_list_is_sorted_and_expands_commas_and_braces(corpus):
+    root = corpus.root
+    everything = shard_list(corpus.pattern)
+    assert everything == sorted(everything) and len(everything) == 8
+    braces = shard_list(f"{root}/shard-00000{{3..4}}.tar,{root}/shard-00000{{0,7}}.tar")
+    assert [p.rsplit("-", 1)[1] for p in braces] == [f"00000{i}.tar" for i in (0, 3, 4, 7)]
+
+
+def test_shard_list_names_the_pattern_that_matches_nothing(corpus):
+    with pytest.raises(ValueError, match="nowhere/\\*.tar"):
+        shard_list(f"{corpus.pattern},nowhere/*.tar")
+    with pytest.raises(ValueError, match="data.shards is empty"):
+        build_loader(_cfg(""), 0, 1, 0)
+
+
+def test_invalid_num_frames_is_rejected_with_the_rule(corpus):
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        build_loader(_cfg(corpus.pattern, num_frames=8), 0, 1, 0)
+
+
+def test_too_few_shards_for_the_consumers_fails_fast_with_a_fix(corpus):
+    with pytest.raises(ValueError) as caught:
+        build_loader(_cfg(corpus.pattern, num_workers=4), 0, 4, 0)
+    message = str(caught.value)
+    for part in ("8 shard", "16 data consumers", "max_samples_per_shard", "num_workers"):
+        assert part in message
+
+
+# ----------------------------------------------------------------------------- batches
+def test_batch_layout(corpus):
+    (batch,) = _take(build_loader(_cfg(corpus.pattern, batch_size=3), 0, 1, 0), 1)
+    assert batch["video"].shape == (3, 3, 9, 16, 16)
+    assert batch["ref"].shape == (3, 3, 16, 16)
+    assert batch["audio"].shape == (3, 18_000)
+    assert batch["keypoints"].shape == (3, 9, 17, 3)
+    assert batch["has_audio"].dtype == torch.bool and batch["has_audio"].shape == (3,)
+    assert len(batch["keys"]) == len(batch["captions"]) == len(batch["quality"]) == 3
+    assert batch["corrupt_skipped"] == 0
+    assert not any(name.startswith("_") for name in batch)
+
+
+def test_same_seed_same_stream_other_seed_other_order(corpus):
+    first = _keys(_take(build_loader(_cfg(corpus.pattern), 0, 1, seed=7), 6))
+    again = _keys(_take(build_loader(_cfg(corpus.pattern), 0, 1, seed=7), 6))
+    other = _keys(_take(build_loader(_cfg(corpus.pattern), 0, 1, seed=8), 6))
+    assert first == again and first != other
+
+
+def test_every_sample_once_per_epoch_across_ranks_and_workers(corpus):
+    # 2 ranks x 2 workers = 4 consumers, 2 shards x 3 samples each: 3 batches per worker.
+    epochs = [[], []]
+    for rank in (0, 1):
+        loader = build_loader(_cfg(corpus.pattern, num_workers=2), rank, 2, seed=0)
+        batches = _take(loader, 12)
+        epochs[0] += _keys(batches[:6])
+        epochs[1] += _keys(batches[6:])
+    for keys in epochs:
+        assert Counter(keys) == Counter(corpus.keys)
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+
+@pytest.mark.parametrize(("num_workers", "consumed"), [(0, 13), (2, 3), (2, 8)])
+def test_resume_continues_exactly_where_an_uninterrupted_run_would(corpus, num_workers, consumed):
+    cfg = _cfg(corpus.pattern, num_workers=num_workers)
+    uninterrupted = _take(build_loader(cfg, 0, 2 if num_workers else 1, seed=3), consumed + 4)
+
+    world_size = 2 if num_workers else 1
+    first = build_loader(cfg, 0, world_size, seed=3)
+    assert _keys(_take(first, consumed)) == _keys(uninterrupted[:consumed])
+    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+    resumed = _take(build_loader(cfg, 0, world_size, seed=3, state=state), 4)
+
+    assert _keys(resumed) == _keys(uninterrupted[consumed:])
+    assert torch.equal(resumed[0]["video"], uninterrupted[consumed]["video"])
+    assert torch.equal(resumed[-1]["audio"], uninterrupted[-1]["audio"])
+
+
+def test_a_new_iter_continues_from_the_last_batch(corpus):
+    loader = build_loader(_cfg(corpus.pattern), 0, 1, seed=0)
+    straight = _keys(_take(build_loader(_cfg(corpus.pattern), 0, 1, seed=0), 4))
+    assert _keys(_take(loader, 1) + _take(loader, 3)) == straight
+
+
+def test_resume_fast_forwards_without_decoding_or_reading_payloads(corpus, monkeypatch):
+    cfg = _cfg(corpus.pattern)
+    first = build_loader(cfg, 0, 1, seed=0)
+    _take(first, 20)  # 40 samples: past one 24-sample epoch
+    calls = Counter()
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        stream_module, "decode_sample", counting("decode", stream_module.decode_sample)
+    )
+    monkeypatch.setattr(stream_module, "read_sample", counting("read", stream_module.read_sample))
+    _take(build_loader(cfg, 0, 1, seed=0, state=first.state_dict()), 1)
+    assert calls == {"decode": 2, "read": 2}
+
+
+def test_state_from_another_setup_is_refused_with_the_reason(corpus):
+    loader = build_loader(_cfg(corpus.pattern, num_workers=2), 0, 2, seed=0)
+    _take(loader, 1)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="num_workers"):
+        build_loader(_cfg(corpus.pattern, num_workers=0), 0, 2, seed=0, state=state)
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(_cfg(corpus.pattern, num_workers=2), 0, 2, seed=1, state=state)
+
+
+# ----------------------------------------------------------------------------- hostile shards
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_members_are_never_unpickled(media, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_CreatesFileWhenUnpickled(str(marker)))
+    # The payload is live: unpickling it does create the marker, so the check below can fail.
+    pickle.loads(payload)
+    assert marker.exists()
+    marker.unlink()
+
+    samples = [media.make_sample(f"p{i}.mp4") for i in range(3)]
+    for sample in samples:
+        sample.update(pyd=payload, pickle=payload)
+    media.write_shard(tmp_path / "shard-000000.tar", samples)
+    batches = _take(build_loader(_cfg(str(tmp_path / "*.tar"), batch_size=3), 0, 1, 0), 2)
+    assert sorted(batches[0]["keys"]) == sorted(s["__key__"] for s in samples)
+    assert not marker.exists()
+
+
+def test_corrupt_samples_are_skipped_counted_and_resumed_exactly(media, tmp_path):
+    good = [media.make_sample(f"g{i}.mp4") for i in range(5)]
+    broken = media.make_sample("broken.mp4")
+    broken["mp4"] = b"\x00" * 300
+    media.write_shard(tmp_path / "shard-000000.tar", good[:2] + [broken] + good[2:3])
+    media.write_shard(tmp_path / "shard-000001.tar", good[3:])
+    cfg = _cfg(str(tmp_path / "*.tar"))
+
+    batches = _take(build_loader(cfg, 0, 1, seed=0), 5)  # 10 samples: two epochs of 5
+    assert Counter(_keys(batches)) == Counter({s["__key__"]: 2 for s in good})
+    assert batches[-1]["corrupt_skipped"] == 2
+    assert broken["__key__"] not in _keys(batches)
+
+    first = build_loader(cfg, 0, 1, seed=0)
+    _take(first, 2)
+    resumed = _take(build_loader(cfg, 0, 1, seed=0, state=first.state_dict()), 3)
+    assert _keys(resumed) == _keys(batches[2:])
+    assert [b["corrupt_skipped"] for b in resumed] == [b["corrupt_skipped"] for b in batches[2:]]
+
+
+def test_shards_where_nothing_decodes_raise_instead_of_spinning(media, tmp_path):
+    broken = media.make_sample("only.mp4")
+    broken["mp4"] = b"garbage"
+    media.write_shard(tmp_path / "shard-000000.tar", [broken])
+    with pytest.raises(RuntimeError, match="no sample of shards"):
+        _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_same_batches(corpus):
+    default = _keys(_take(build_loader(_cfg(corpus.pattern, num_workers=2), 0, 1, 0), 3))
+    spawned = build_loader(
+        _cfg(corpus.pattern, num_workers=2, worker_start_method="spawn"), 0, 1, 0
+    )
+    assert _keys(_take(spawned, 3)) == default
