@@ -1,0 +1,99 @@
+"""Model configuration: the sizes of every part, and where pretrained weights come from.
+
+Every default lives here once; conf/model/*.yaml select a preset by overriding fields.
+An empty ``pretrained`` means random initialisation from the sizes given (tests, smoke runs);
+a local path loads real weights (no hub access is assumed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VAEConfig:
+    # A safetensors file with this VAE's state dict; "" = random init (frozen either way).
+    pretrained: str = ""
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 16
+    # Channel multiplier per resolution level; 4 levels -> 3 spatial halvings = 8x.
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    # Levels (0-based, among the first three) whose downsampling also halves time: 2 -> 4x time.
+    temporal_down_levels: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    # latents = (posterior_mean - shift_factor) * scaling_factor
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    # Frames per encoder chunk when encoding long clips (1 + 4k); 0 = whole clip at once.
+    chunk_frames: int = 0
+
+
+@dataclass
+class TextEncoderConfig:
+    # A local directory usable by transformers' from_pretrained (T5EncoderModel + tokenizer);
+    # "" = a T5 encoder from the sizes below with the byte-level (ByT5) tokenizer.
+    pretrained: str = ""
+    d_model: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    d_kv: int = 16
+    d_ff: int = 64
+    max_length: int = 64
+
+
+@dataclass
+class AudioEncoderConfig:
+    # A local directory usable by transformers' Wav2Vec2Model.from_pretrained; "" = random init
+    # from the sizes below (same 320-sample stride, 50 features per second at 16 kHz).
+    pretrained: str = ""
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    conv_dim: int = 32
+    # Hidden states of the last N layers are concatenated into each feature (Hallo-style).
+    feature_layers: int = 2
+    sample_rate: int = 16_000
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden_size * self.feature_layers
+
+
+@dataclass
+class PoseGuiderConfig:
+    # Heatmap channels: one per keypoint of the sample's skeleton (COCO-17 in the pipeline).
+    num_keypoints: int = 17
+    hidden_channels: int = 16
+    out_channels: int = 4
+    # Latent frames on each side whose features are stacked with a frame's own (paper §3.1).
+    neighbor_frames: int = 1
+
+
+@dataclass
+class DiTConfig:
+    hidden_size: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    # Audio tokens of latent frame j: its own pixel frames plus this many on each side.
+    audio_window: int = 2
+    # Share of each head's dimension given to the (t, h, w) RoPE axes; must sum to head_dim.
+    rope_axes: list[int] = field(default_factory=lambda: [4, 6, 6])
+    rope_theta: float = 10_000.0
+    # Recompute each block in the backward pass (memory for compute).
+    gradient_checkpointing: bool = False
+    # "auto" = flash-attn when importable on CUDA, else torch SDPA; "sdpa"; "flash".
+    attention: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    pose_guider: PoseGuiderConfig = field(default_factory=PoseGuiderConfig)

@@ -1,0 +1,62 @@
+"""The frozen parts of the model in one module: causal VAE, text encoder, audio encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from omni_train.models.audio_encoder import AudioEncoder
+from omni_train.models.config import ModelConfig
+from omni_train.models.text_encoder import TextEncoder
+from omni_train.models.vae import CausalVAE
+from omni_train.models.weights import load_strict
+
+
+class FrozenEncoders(nn.Module):
+    """Always in eval mode, never requiring grad; every method runs under ``torch.no_grad``."""
+
+    def __init__(self, vae: CausalVAE, text: TextEncoder, audio: AudioEncoder) -> None:
+        super().__init__()
+        self.vae = vae
+        self.text = text
+        self.audio = audio
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenEncoders:
+        # A parent's .train() reaches here; dropout and wav2vec2 masking must stay off.
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_video(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, C, 1 + (T-1)/4, H/8, W/8)."""
+        return self.vae.encode(video)
+
+    @torch.no_grad()
+    def decode_video(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> (B, 3, T, H, W), unclamped."""
+        return self.vae.decode(latents)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> (embeddings (B, Ltok, D), bool mask (B, Ltok))."""
+        return self.text(captions)
+
+    @torch.no_grad()
+    def encode_audio(self, waveform: Tensor, num_frames: int) -> Tensor:
+        """(B, samples) at 16 kHz -> (B, num_frames, feature_dim)."""
+        return self.audio(waveform, num_frames)
+
+
+def build_frozen_encoders(cfg: ModelConfig) -> FrozenEncoders:
+    """Build the three frozen parts; each loads its weights when its ``pretrained`` is set."""
+    vae = CausalVAE(cfg.vae)
+    if cfg.vae.pretrained:
+        load_strict(vae, cfg.vae.pretrained, "VAE")
+    return FrozenEncoders(vae, TextEncoder(cfg.text_encoder), AudioEncoder(cfg.audio_encoder))
+
+
+def frozen_is_random(cfg: ModelConfig) -> bool:
+    """True when any frozen part is random-init, so its weights must travel with checkpoints."""
+    parts = (cfg.vae.pretrained, cfg.text_encoder.pretrained, cfg.audio_encoder.pretrained)
+    return not all(parts)

@@ -1,0 +1,268 @@
+"""A small causal 3D VAE: 8x spatial and 4x temporal compression, first frame kept alone.
+
+Pixel clips of T = 1 + 4k frames map to L = 1 + k latent frames. Every convolution pads time
+on the past side only, so latent frame j depends on pixel frames 0..4j and nothing later; that
+is what lets long clips be encoded chunk by chunk with a cache of each convolution's past.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omni_train.models.config import VAEConfig
+
+SPATIAL_FACTOR = 8
+TEMPORAL_FACTOR = 4
+
+# Each causal convolution's past input frames, keyed by the convolution, carried across chunks.
+ConvCache = dict[int, Tensor]
+
+
+def latent_frames(num_pixel_frames: int) -> int:
+    """Latent frames for a clip of ``num_pixel_frames`` (which must be 1 + 4k)."""
+    check_pixel_frames(num_pixel_frames)
+    return 1 + (num_pixel_frames - 1) // TEMPORAL_FACTOR
+
+
+def pixel_frames(num_latent_frames: int) -> int:
+    """Pixel frames decoded from ``num_latent_frames`` latent frames."""
+    if num_latent_frames < 1:
+        raise ValueError(f"need at least one latent frame, got {num_latent_frames}")
+    return 1 + (num_latent_frames - 1) * TEMPORAL_FACTOR
+
+
+def check_pixel_frames(num_frames: int) -> None:
+    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR != 0:
+        below = max(1, num_frames - (num_frames - 1) % TEMPORAL_FACTOR)
+        raise ValueError(
+            f"the causal VAE needs 1 + {TEMPORAL_FACTOR}k frames, got {num_frames}; "
+            f"trim the clip to {below} frames or pad it to {below + TEMPORAL_FACTOR}"
+        )
+
+
+def check_video_shape(video: Tensor, in_channels: int) -> None:
+    if video.ndim != 5 or video.shape[1] != in_channels:
+        raise ValueError(f"expected video (B, {in_channels}, T, H, W), got {tuple(video.shape)}")
+    check_pixel_frames(video.shape[2])
+    height, width = video.shape[-2:]
+    if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
+        raise ValueError(
+            f"the causal VAE needs height and width that are multiples of {SPATIAL_FACTOR}, "
+            f"got {height}x{width}; resize or crop to "
+            f"{height - height % SPATIAL_FACTOR}x{width - width % SPATIAL_FACTOR}"
+        )
+
+
+def norm_groups(channels: int) -> int:
+    """Largest divisor of ``channels`` that is at most 32 and leaves >= 4 channels per group."""
+    limit = max(1, min(32, channels // 4))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm over each frame on its own: statistics never mix time, so it stays causal."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, frames, height, width = x.shape
+        per_frame = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        normed = super().forward(per_frame)
+        return normed.reshape(batch, frames, channels, height, width).transpose(1, 2)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d whose time axis is padded with copies of the first frame, on the past side only.
+
+    With a cache, the past comes from the previous chunk instead: it keeps the last
+    ``kernel_t - stride_t`` padded input frames, the overlap the next chunk's windows need.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: tuple[int, int, int] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        self.time_kernel = kernel_size
+        self.time_stride = stride[0]
+        self.conv = nn.Conv3d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(0, kernel_size // 2, kernel_size // 2),
+        )
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        past = cache.get(id(self)) if cache is not None else None
+        if past is None:
+            past = x[:, :, :1].expand(-1, -1, self.time_kernel - 1, -1, -1)
+        padded = torch.cat([past, x], dim=2)
+        if cache is not None:
+            keep = self.time_kernel - self.time_stride
+            cache[id(self)] = padded[:, :, padded.shape[2] - keep :].detach()
+        return self.conv(padded)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1 = FrameGroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = FrameGroupNorm(norm_groups(out_channels), out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return h + (self.skip(x) if self.skip is not None else x)
+
+
+class Downsample(nn.Module):
+    """Halves height and width, and optionally time: frames (0), (1, 2), (3, 4)... -> 0, 1, 2."""
+
+    def __init__(self, channels: int, halve_time: bool) -> None:
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, stride=(2 if halve_time else 1, 2, 2))
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        return self.conv(x, cache)
+
+
+class Upsample(nn.Module):
+    """Doubles height and width, and optionally time (the first frame stays a single frame)."""
+
+    def __init__(self, channels: int, double_time: bool) -> None:
+        super().__init__()
+        self.double_time = double_time
+        self.conv = CausalConv3d(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.double_time:
+            x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        return self.conv(x)
+
+
+def level_channels(cfg: VAEConfig) -> list[int]:
+    return [cfg.base_channels * mult for mult in cfg.channel_mult]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        channels = level_channels(cfg)
+        self.conv_in = CausalConv3d(cfg.in_channels, channels[0])
+        self.blocks = nn.ModuleList()
+        current = channels[0]
+        for level, width in enumerate(channels):
+            for _ in range(cfg.num_res_blocks):
+                self.blocks.append(ResBlock(current, width))
+                current = width
+            if level < len(channels) - 1:
+                self.blocks.append(Downsample(current, level in cfg.temporal_down_levels))
+        self.mid = ResBlock(current, current)
+        self.norm_out = FrameGroupNorm(norm_groups(current), current)
+        self.conv_out = CausalConv3d(current, 2 * cfg.latent_channels)
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        h = self.conv_in(x, cache)
+        for block in self.blocks:
+            h = block(h, cache)
+        h = self.mid(h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        channels = level_channels(cfg)
+        current = channels[-1]
+        self.conv_in = CausalConv3d(cfg.latent_channels, current)
+        self.mid = ResBlock(current, current)
+        self.blocks = nn.ModuleList()
+        for level in reversed(range(len(channels))):
+            for _ in range(cfg.num_res_blocks):
+                self.blocks.append(ResBlock(current, channels[level]))
+                current = channels[level]
+            if level > 0:
+                self.blocks.append(Upsample(current, level - 1 in cfg.temporal_down_levels))
+        self.norm_out = FrameGroupNorm(norm_groups(current), current)
+        self.conv_out = CausalConv3d(current, cfg.in_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for block in self.blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def check_vae_config(cfg: VAEConfig) -> None:
+    levels = len(cfg.channel_mult)
+    if 2 ** (levels - 1) != SPATIAL_FACTOR:
+        raise ValueError(
+            f"vae.channel_mult needs 4 levels (8x spatial compression), got {cfg.channel_mult}"
+        )
+    time_levels = sorted(set(cfg.temporal_down_levels))
+    if len(time_levels) != 2 or not all(0 <= lvl < levels - 1 for lvl in time_levels):
+        raise ValueError(
+            "vae.temporal_down_levels needs two distinct levels among 0..2 (4x temporal "
+            f"compression), got {cfg.temporal_down_levels}"
+        )
+    if cfg.chunk_frames < 0 or (cfg.chunk_frames > 0 and (cfg.chunk_frames - 1) % 4):
+        raise ValueError(f"vae.chunk_frames must be 0 or 1 + 4k (e.g. 17), got {cfg.chunk_frames}")
+    for width in level_channels(cfg):
+        if width < 1:
+            raise ValueError(f"vae channel widths must be positive, got {level_channels(cfg)}")
+
+
+class CausalVAE(nn.Module):
+    """Video <-> scaled latents. ``encode`` returns the posterior mean (deterministic)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        check_vae_config(cfg)
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    latent_frames = staticmethod(latent_frames)
+    pixel_frames = staticmethod(pixel_frames)
+
+    def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Unscaled (mean, logvar) of the latent posterior, each (B, C, L, H/8, W/8)."""
+        check_video_shape(video, self.cfg.in_channels)
+        moments = self._encode_moments(video)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, C, 1 + (T-1)/4, H/8, W/8)."""
+        mean, _ = self.posterior(video)
+        return (mean - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, C, L, h, w) -> video (B, 3, 1 + 4(L-1), 8h, 8w), not clamped."""
+        if latents.ndim != 5 or latents.shape[1] != self.cfg.latent_channels:
+            raise ValueError(
+                f"expected latents (B, {self.cfg.latent_channels}, L, h, w), "
+                f"got {tuple(latents.shape)}"
+            )
+        z = latents / self.cfg.scaling_factor + self.cfg.shift_factor
+        return self.decoder(z)
+
+    def _encode_moments(self, video: Tensor) -> Tensor:
+        chunk = self.cfg.chunk_frames
+        if chunk <= 0 or video.shape[2] <= chunk:
+            return self.encoder(video)
+        # First chunk 1 + 4k frames, later ones 4k: chunk boundaries fall on latent boundaries.
+        cache: ConvCache = {}
+        bounds = [0, *range(chunk, video.shape[2], chunk - 1), video.shape[2]]
+        pieces = [self.encoder(video[:, :, a:b], cache) for a, b in pairwise(bounds)]
+        return torch.cat(pieces, dim=2)

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from omni_train.models.config import VAEConfig
+from omni_train.models.vae import CausalVAE, latent_frames, pixel_frames
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVAE:
+    torch.manual_seed(0)
+    return CausalVAE(VAEConfig()).eval()
+
+
+def clip(frames: int, size: int = 32, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, size, size, generator=generator) * 2 - 1
+
+
+@pytest.mark.parametrize(("frames", "expected_latent"), [(1, 1), (5, 2), (17, 5)])
+def test_encode_shape_compresses_8x_space_4x_time(vae, frames, expected_latent):
+    with torch.no_grad():
+        latents = vae.encode(clip(frames, size=64, batch=2))
+    assert latents.shape == (2, 4, expected_latent, 8, 8)
+    assert latent_frames(frames) == expected_latent
+    assert pixel_frames(expected_latent) == frames
+
+
+def test_decode_restores_pixel_shape(vae):
+    latents = torch.randn(2, 4, 3, 4, 6)
+    with torch.no_grad():
+        video = vae.decode(latents)
+    assert video.shape == (2, 3, 9, 32, 48)
+
+
+@pytest.mark.parametrize("boundary", [0, 1, 2])
+def test_latent_frames_ignore_later_pixel_frames(vae, boundary):
+    video = clip(13)
+    changed = video.clone()
+    changed[:, :, 4 * boundary + 1 :] = clip(13, seed=1)[:, :, 4 * boundary + 1 :]
+    with torch.no_grad():
+        before, after = vae.encode(video), vae.encode(changed)
+    torch.testing.assert_close(before[:, :, : boundary + 1], after[:, :, : boundary + 1])
+    assert not torch.allclose(before[:, :, boundary + 1 :], after[:, :, boundary + 1 :])
+
+
+def test_decoded_frames_ignore_later_latent_frames(vae):
+    latents = torch.randn(1, 4, 3, 4, 4)
+    changed = latents.clone()
+    changed[:, :, 2] += 1.0
+    with torch.no_grad():
+        before, after = vae.decode(latents), vae.decode(changed)
+    torch.testing.assert_close(before[:, :, :5], after[:, :, :5])
+    assert not torch.allclose(before[:, :, 5:], after[:, :, 5:])
+
+
+@pytest.mark.parametrize("frames", [2, 4, 6, 16])
+def test_bad_frame_count_is_rejected_with_fix(vae, frames):
+    with pytest.raises(ValueError, match=rf"got {frames}.*trim"):
+        vae.encode(clip(frames))
+
+
+@pytest.mark.parametrize(("height", "width"), [(36, 32), (32, 20)])
+def test_bad_size_is_rejected(vae, height, width):
+    with pytest.raises(ValueError, match=rf"{height}x{width}"):
+        vae.encode(torch.zeros(1, 3, 5, height, width))
+
+
+def test_encode_is_deterministic(vae):
+    video = clip(9)
+    with torch.no_grad():
+        first, second = vae.encode(video), vae.encode(video)
+    assert torch.equal(first, second)
+
+
+def test_scaling_and_shift_are_inverted_by_decode(vae):
+    scaled_cfg = dataclasses.replace(vae.cfg, scaling_factor=0.5, shift_factor=0.25)
+    scaled = CausalVAE(scaled_cfg).eval()
+    scaled.load_state_dict(vae.state_dict())
+    video = clip(5)
+    with torch.no_grad():
+        plain, shifted = vae.encode(video), scaled.encode(video)
+        torch.testing.assert_close(shifted, (plain - 0.25) * 0.5)
+        torch.testing.assert_close(scaled.decode(shifted), vae.decode(plain))
+
+
+@pytest.mark.parametrize("chunk_frames", [5, 9, 13])
+def test_chunked_encoding_matches_whole_clip(vae, chunk_frames):
+    chunked = CausalVAE(dataclasses.replace(vae.cfg, chunk_frames=chunk_frames)).eval()
+    chunked.load_state_dict(vae.state_dict())
+    video = clip(29, batch=2)
+    with torch.no_grad():
+        whole, pieces = vae.encode(video), chunked.encode(video)
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
+
+
+def test_bad_chunk_size_is_rejected():
+    with pytest.raises(ValueError, match="chunk_frames"):
+        CausalVAE(VAEConfig(chunk_frames=8))
