@@ -24,7 +24,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
             f"data.num_frames={frames}: the causal VAE needs 1 + 4k frames (e.g. 17 or 33)"
         )
     patch = cfg.model.dit.patch_size
-    for axis, size in zip(("height", "width"), cfg.data.resolution):
+    for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
         if size % (8 * patch):
             raise ConfigError(
                 f"data.resolution {axis}={size} must be a multiple of {8 * patch} "

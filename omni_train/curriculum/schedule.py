@@ -23,7 +23,7 @@ def validate_curriculum(cfg: CurriculumConfig) -> None:
             f"curriculum.stages.0.start_step is {cfg.stages[0].start_step}: the first stage "
             "must start at step 0"
         )
-    for i, (prev, cur) in enumerate(zip(cfg.stages, cfg.stages[1:]), start=1):
+    for i, (prev, cur) in enumerate(zip(cfg.stages, cfg.stages[1:], strict=False), start=1):
         if cur.start_step <= prev.start_step:
             raise ValueError(
                 f"curriculum.stages.{i}.start_step ({cur.start_step}) must be greater than "
@@ -87,9 +87,9 @@ def condition_masks(
         raise ValueError(f"{len(keys)} keys but {len(qualities)} quality records")
     _, stage = stage_at(cfg, step)
     masks = {cond: np.zeros(len(keys), dtype=bool) for cond in CONDITIONS}
-    for i, (key, quality) in enumerate(zip(keys, qualities)):
+    for i, (key, quality) in enumerate(zip(keys, qualities, strict=True)):
         draws = _rng(seed, step, _key_entropy(key)).random(len(CONDITIONS))
-        for draw, cond in zip(draws, CONDITIONS):
+        for draw, cond in zip(draws, CONDITIONS, strict=True):
             tier = quality.get(cond, "none")
             eligible = tier in cfg.eligible_tiers[cond]
             masks[cond][i] = eligible and draw < stage.ratios[cond]

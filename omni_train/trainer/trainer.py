@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from omni_train.config import TrainConfig
-from omni_train.curriculum import CONDITIONS, condition_masks, motion_latents_for_step, stage_at
+from omni_train.curriculum import condition_masks, motion_latents_for_step, stage_at
 from omni_train.data.stream import build_loader
-from omni_train.models.denoiser import build_denoiser, build_frozen_encoders
+from omni_train.models.denoiser import build_denoiser
+from omni_train.models.encoders import build_frozen_encoders
+from omni_train.models.vae import latent_frames
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer.distributed import init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.metrics import MetricsLogger
-from omni_train.trainer.step import TASKS, StepResult, compute_loss, step_seed
+from omni_train.trainer.step import StepResult, compute_loss, step_seed
 from omni_train.trainer.weights import export_weights, frozen_is_random
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class Trainer:
 
         self.cfg = cfg
         tcfg = cfg.trainer
-        self.dist = init_distributed(tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm)
+        self.dist = init_distributed(
+            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
+        )
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -89,7 +91,11 @@ class Trainer:
         self.metrics = None
         if self.dist.is_main:
             self.metrics = MetricsLogger(
-                cfg.logger, self.run_dir, cfg.experiment, resolved, self.global_step,
+                cfg.logger,
+                self.run_dir,
+                cfg.experiment,
+                resolved,
+                self.global_step,
                 tcfg.max_steps,
             )
 
@@ -106,7 +112,9 @@ class Trainer:
                 f"{meta['world_size']} ranks, or start a new run_dir"
             )
         self.engine.load_checkpoint(
-            str(self.ckpt_root), tag=latest.name, load_optimizer_states=True,
+            str(self.ckpt_root),
+            tag=latest.name,
+            load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         self.global_step = int(meta["step"])
@@ -138,7 +146,7 @@ class Trainer:
         cfg = self.cfg
         step_index = self.global_step  # steps completed before this one
         n_motion = motion_latents_for_step(
-            cfg.curriculum, step_index, cfg.seed, self.encoders.motion_latents(cfg.diffusion)
+            cfg.curriculum, step_index, cfg.seed, latent_frames(cfg.diffusion.motion_frames)
         )
         results, data_wait = [], 0.0
         for micro in range(cfg.trainer.grad_accum):
@@ -151,8 +159,15 @@ class Trainer:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
             result = compute_loss(
-                self.engine, self.encoders, batch, masks, n_motion, cfg.diffusion, generator,
+                self.engine,
+                self.encoders,
+                batch,
+                masks,
+                n_motion,
+                cfg.diffusion,
+                generator,
                 self.device,
+                cfg.data.pose_sigma,
             )
             self.engine.backward(result.loss)
             self.engine.step()
@@ -209,7 +224,3 @@ class Trainer:
             log.info("saved checkpoint %s", final)
         dist.barrier()
         return final
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x) and not np.isnan(x)

@@ -57,7 +57,9 @@ def test_wrong_key_or_type_fails_naming_the_key(override, named):
 
 
 def _valid(overrides, shards):
-    cfg, _ = compose_train_config(["experiment=smoke", "run_dir=/tmp/x", f"data.shards={shards}", *overrides])
+    cfg, _ = compose_train_config(
+        ["experiment=smoke", "run_dir=/tmp/x", f"data.shards={shards}", *overrides]
+    )
     validate_train_config(cfg, world_size=2)
 
 
@@ -78,9 +80,19 @@ def test_validation_names_the_value_and_the_fix(tmp_path):
 def test_bad_override_exits_before_any_rank_starts(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "omni_train.train", "experiment=smoke", f"run_dir={tmp_path}",
-         "data.shards=nothing/*.tar", "trainer.zero_stage=9"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "omni_train.train",
+            "experiment=smoke",
+            f"run_dir={tmp_path}",
+            "data.shards=nothing/*.tar",
+            "trainer.zero_stage=9",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "zero_stage" in proc.stdout + proc.stderr

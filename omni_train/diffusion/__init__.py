@@ -1,0 +1,1 @@
+"""Flow matching: timestep sampling, the training objective and the samplers."""

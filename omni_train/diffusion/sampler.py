@@ -1,0 +1,237 @@
+"""Euler sampling with annealed text/audio guidance, and segment-wise long-video generation.
+
+Guidance (paper §3.4) acts on text and audio only:
+    v = v_uncond + s_text (v_text - v_uncond) + s_audio (v_text_audio - v_text)
+where "uncond" drops text and audio (reference and pose stay on). Both scales fall linearly
+from their start value at the first step to their end value at the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from omni_train.diffusion.config import DiffusionConfig
+from omni_train.diffusion.flow import shift_timesteps
+from omni_train.models.conditioning import latent_frames_for
+
+AUDIO_SAMPLE_RATE = 16_000
+
+# (x, t, text_on, audio_on) -> velocity; all batched along dim 0.
+GuidedModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    text_start: float = 1.0
+    text_end: float = 1.0
+    audio_start: float = 1.0
+    audio_end: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> Guidance:
+        return cls(cfg.cfg_text, cfg.cfg_text_end, cfg.cfg_audio, cfg.cfg_audio_end)
+
+
+def guidance_schedule(guidance: Guidance, steps: int) -> list[tuple[float, float]]:
+    """(s_text, s_audio) for each step, linear from the start to the end scales."""
+
+    def ramp(start: float, end: float, i: int) -> float:
+        return start if steps == 1 else start + (end - start) * i / (steps - 1)
+
+    return [
+        (
+            ramp(guidance.text_start, guidance.text_end, i),
+            ramp(guidance.audio_start, guidance.audio_end, i),
+        )
+        for i in range(steps)
+    ]
+
+
+def inference_timesteps(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) times from 1 (noise) down to 0 (data) on the shifted schedule."""
+    if steps < 1:
+        raise ValueError(f"sampling steps={steps} must be >= 1")
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+
+
+def guided_velocity(
+    model_fn: GuidedModelFn,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    text_scale: float,
+    audio_scale: float,
+    batched: bool = True,
+) -> torch.Tensor:
+    batch = x.shape[0]
+    on = torch.ones(batch, dtype=torch.bool, device=x.device)
+    if text_scale == 1.0 and audio_scale == 1.0:
+        return model_fn(x, t, on, on)
+    off = ~on
+    passes = [(off, off), (on, off), (on, on)]  # uncond, text, text + audio
+    if batched:
+        text_on = torch.cat([p[0] for p in passes])
+        audio_on = torch.cat([p[1] for p in passes])
+        v_uncond, v_text, v_text_audio = model_fn(
+            x.repeat(3, 1, 1, 1, 1), t.repeat(3), text_on, audio_on
+        ).chunk(3)
+    else:
+        v_uncond, v_text, v_text_audio = (model_fn(x, t, *p) for p in passes)
+    return v_uncond + text_scale * (v_text - v_uncond) + audio_scale * (v_text_audio - v_text)
+
+
+def euler_sample(
+    model_fn: GuidedModelFn,
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    guidance: Guidance,
+    motion_latents: torch.Tensor | None = None,
+    batched: bool = True,
+) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 (``noise``, (B, C, L, h, w)) to t = 0.
+
+    ``motion_latents`` (B, C, m, h, w), if given, overwrite the first m frames before every
+    model call and in the result, so they stay clean throughout.
+    """
+    times = inference_timesteps(steps, shift)
+    scales = guidance_schedule(guidance, steps)
+    x = noise
+    for i in range(steps):
+        x = _with_motion(x, motion_latents)
+        t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
+        v = guided_velocity(model_fn, x, t, *scales[i], batched=batched)
+        x = x + float(times[i + 1] - times[i]) * v
+    return _with_motion(x, motion_latents)
+
+
+def _with_motion(x: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
+    if motion is None:
+        return x
+    return torch.cat([motion.to(x.dtype), x[:, :, motion.shape[2] :]], dim=2)
+
+
+def denoiser_model_fn(
+    denoiser: torch.nn.Module,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    ref_latents: torch.Tensor,
+    audio_features: torch.Tensor | None,
+    pose_heatmaps: torch.Tensor | None,
+    active: dict[str, torch.Tensor],
+    num_motion_latents: int = 0,
+) -> GuidedModelFn:
+    """Wrap an OmniDenoiser as a GuidedModelFn; conditions are repeated to the call's batch and
+    the text/audio flags are ANDed with ``active``."""
+
+    def repeat(value: Any, times: int) -> Any:
+        if value is None or times == 1:
+            return value
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+
+    def model_fn(x, t, text_on, audio_on):
+        times = x.shape[0] // text.shape[0]
+        flags = {name: repeat(flag, times) for name, flag in active.items()}
+        flags["text"] = flags["text"] & text_on
+        flags["audio"] = flags["audio"] & audio_on
+        return denoiser(
+            x,
+            t,
+            repeat(text, times),
+            repeat(text_mask, times),
+            repeat(ref_latents, times),
+            repeat(audio_features, times),
+            repeat(pose_heatmaps, times),
+            flags,
+            num_motion_latents=num_motion_latents,
+        )
+
+    return model_fn
+
+
+def segment_starts(total_frames: int, segment_frames: int, motion_frames: int) -> list[int]:
+    """First pixel frame of each segment; later segments overlap the previous by motion_frames."""
+    if segment_frames <= motion_frames:
+        raise ValueError(
+            f"segment_frames={segment_frames} must exceed motion_frames={motion_frames}"
+        )
+    starts = [0]
+    while starts[-1] + segment_frames < total_frames:
+        starts.append(starts[-1] + segment_frames - motion_frames)
+    return starts
+
+
+def audio_slice(
+    waveform: torch.Tensor, start: int, frames: int, fps: float, rate: int
+) -> torch.Tensor:
+    """The samples under pixel frames [start, start + frames), zero-padded past the end."""
+    first = round(start * rate / fps)
+    length = round(frames * rate / fps)
+    piece = waveform[first : first + length]
+    return torch.nn.functional.pad(piece, (0, length - piece.shape[0]))
+
+
+@torch.no_grad()
+def generate_long_video(
+    denoiser: torch.nn.Module,
+    encoders: Any,
+    ref_image: torch.Tensor,
+    audio: torch.Tensor,
+    caption: str,
+    fps: float,
+    total_frames: int,
+    segment_frames: int,
+    diffusion_cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(1, 3, total_frames, H, W) video in [-1, 1] from a reference image, 16 kHz audio and a
+    caption, segment by segment; each later segment starts from the VAE re-encoding of the
+    last ``motion_frames`` frames generated so far, and those duplicates are dropped."""
+    device = next(denoiser.parameters()).device
+    latent_frames = latent_frames_for(segment_frames)
+    motion_frames = diffusion_cfg.motion_frames
+    num_motion = latent_frames_for(motion_frames)
+    ref_latents = encoders.encode_video(ref_image.to(device)[:, :, None])
+    text, text_mask = encoders.encode_text([caption])
+    on = torch.ones(1, dtype=torch.bool, device=device)
+    # An empty caption counts as no text: the model then sees its learned null text token.
+    has_caption = torch.tensor([bool(caption.strip())], device=device)
+    active = {"text": has_caption, "ref": on, "audio": on, "pose": ~on}
+    guidance = Guidance.from_config(diffusion_cfg)
+    latent_shape = (1, ref_latents.shape[1], latent_frames, *ref_latents.shape[-2:])
+
+    pieces: list[torch.Tensor] = []
+    video = None
+    for index, start in enumerate(segment_starts(total_frames, segment_frames, motion_frames)):
+        waveform = audio_slice(audio.float(), start, segment_frames, fps, AUDIO_SAMPLE_RATE)
+        features = encoders.encode_audio(waveform[None].to(device), segment_frames)
+        motion = None
+        if index > 0:
+            motion = encoders.encode_video(video[:, :, -motion_frames:])
+        model_fn = denoiser_model_fn(
+            denoiser,
+            text,
+            text_mask,
+            ref_latents,
+            features,
+            None,
+            active,
+            num_motion_latents=0 if motion is None else num_motion,
+        )
+        draw_device = generator.device if generator is not None else "cpu"
+        noise = torch.randn(latent_shape, generator=generator, device=draw_device).to(device)
+        latents = euler_sample(
+            model_fn,
+            noise.to(ref_latents.dtype),
+            diffusion_cfg.sampling_steps,
+            diffusion_cfg.shift,
+            guidance,
+            motion_latents=motion,
+        )
+        segment = encoders.decode_video(latents).clamp(-1, 1)
+        pieces.append(segment if index == 0 else segment[:, :, motion_frames:])
+        video = torch.cat(pieces, dim=2)
+    return video[:, :, :total_frames]

@@ -1,0 +1,1 @@
+"""Networks: the causal 3D VAE, condition encoders, pose guider and MMDiT denoiser."""

@@ -1,0 +1,155 @@
+"""Condition embedders: timestep, audio tokens per latent frame, and the pose guider.
+
+Latent time follows the causal VAE: latent frame 0 is pixel frame 0 alone, latent frame
+j >= 1 covers pixel frames 4j-3 .. 4j, so T_pix = 1 + 4 (L - 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_train.models.config import PoseGuiderConfig
+
+TEMPORAL_STRIDE = 4
+
+
+def latent_frames_for(pixel_frames: int) -> int:
+    if pixel_frames < 1 or (pixel_frames - 1) % TEMPORAL_STRIDE:
+        raise ValueError(
+            f"{pixel_frames} pixel frames: the causal VAE needs 1 + {TEMPORAL_STRIDE}k frames"
+        )
+    return (pixel_frames - 1) // TEMPORAL_STRIDE + 1
+
+
+def pixel_frames_for(latent_frames: int) -> int:
+    return 1 + TEMPORAL_STRIDE * (latent_frames - 1)
+
+
+def sinusoidal_embedding(
+    values: torch.Tensor, dim: int, max_period: float = 10_000.0
+) -> torch.Tensor:
+    """(B,) float -> (B, dim) [cos | sin] features over geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half
+    )
+    angles = values.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """t in [0, 1] -> (B, hidden): sinusoidal features of 1000 t through a small MLP."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        features = sinusoidal_embedding(timesteps * 1000.0, self.frequency_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def audio_window_indices(latent_frames: int, window: int) -> torch.Tensor:
+    """(L, 4 + 2 window) pixel-frame indices feeding each latent frame's audio tokens.
+
+    Frame 0's own group is pixel frame 0 repeated four times; every group is widened by
+    ``window`` frames on each side, clamped to the clip.
+    """
+    group = torch.arange(TEMPORAL_STRIDE)
+    rows = []
+    for j in range(latent_frames):
+        core = torch.zeros(TEMPORAL_STRIDE, dtype=torch.long) if j == 0 else 4 * j - 3 + group
+        first, last = int(core[0]), int(core[-1])
+        left = torch.arange(first - window, first)
+        right = torch.arange(last + 1, last + 1 + window)
+        rows.append(torch.cat([left, core, right]))
+    return torch.stack(rows).clamp(0, pixel_frames_for(latent_frames) - 1)
+
+
+class AudioProjector(nn.Module):
+    """(B, T_pix, Da) audio features -> (B, L, K, hidden) audio tokens per latent frame."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, window: int) -> None:
+        super().__init__()
+        if window < 0:
+            raise ValueError(f"dit.audio_window={window} must be >= 0")
+        self.window = window
+        self.tokens_per_frame = TEMPORAL_STRIDE + 2 * window
+        self.mlp = nn.Sequential(
+            nn.Linear(feature_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.slot_embedding = nn.Parameter(torch.randn(self.tokens_per_frame, hidden_size) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        latent_frames = latent_frames_for(features.shape[1])
+        index = audio_window_indices(latent_frames, self.window).to(features.device)
+        windows = features[:, index]  # (B, L, K, Da)
+        return self.mlp(windows) + self.slot_embedding
+
+
+def _causal_pad_time(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Prepend copies of the first frame so a time kernel never sees the future."""
+    if frames == 0:
+        return x
+    return torch.cat([x[:, :, :1].expand(-1, -1, frames, -1, -1), x], dim=2)
+
+
+class CausalDownConv(nn.Module):
+    """3x3x3 conv, spatial stride 2, time stride 1 or 2; output frame 0 sees input frame 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel_size=3, stride=(time_stride, 2, 2), padding=(0, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_causal_pad_time(x, 2))
+
+
+def stack_neighbor_frames(features: torch.Tensor, neighbors: int) -> torch.Tensor:
+    """(B, C, L, h, w) -> (B, C (2n+1), L, h, w): frames j-n .. j+n on channels, zeros outside."""
+    if neighbors == 0:
+        return features
+    frames = features.shape[2]
+    padded = F.pad(features, (0, 0, 0, 0, neighbors, neighbors))
+    shifted = [padded[:, :, offset : offset + frames] for offset in range(2 * neighbors + 1)]
+    return torch.cat(shifted, dim=1)
+
+
+class PoseGuider(nn.Module):
+    """(B, keypoints, T_pix, H, W) heatmaps -> (B, out (2n+1), L, H/8, W/8) latent-grid features.
+
+    Compresses like the VAE (first frame alone, 4x time, 8x space) with causal strided convs,
+    then stacks each latent frame's features with its neighbours' (paper §3.1).
+    """
+
+    def __init__(self, cfg: PoseGuiderConfig) -> None:
+        super().__init__()
+        hidden = cfg.hidden_channels
+        self.neighbor_frames = cfg.neighbor_frames
+        self.out_channels = cfg.out_channels * (2 * cfg.neighbor_frames + 1)
+        self.down = nn.ModuleList(
+            [
+                CausalDownConv(cfg.num_keypoints, hidden, time_stride=1),
+                CausalDownConv(hidden, hidden, time_stride=2),
+                CausalDownConv(hidden, hidden, time_stride=2),
+            ]
+        )
+        self.proj_out = nn.Conv3d(hidden, cfg.out_channels, kernel_size=1)
+
+    def forward(self, heatmaps: torch.Tensor) -> torch.Tensor:
+        latent_frames_for(heatmaps.shape[2])
+        if heatmaps.shape[-2] % 8 or heatmaps.shape[-1] % 8:
+            raise ValueError(f"pose heatmaps {tuple(heatmaps.shape)}: H and W must divide by 8")
+        x = heatmaps
+        for conv in self.down:
+            x = F.silu(conv(x))
+        return stack_neighbor_frames(self.proj_out(x), self.neighbor_frames)

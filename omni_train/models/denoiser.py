@@ -1,0 +1,244 @@
+"""OmniDenoiser: the MMDiT velocity model with text, reference, audio, pose and motion frames.
+
+Token layout of the video stream: the latent frames' patches (frame-major raster order),
+then the reference latent's patches. The reference shares the patch embedding and gets RoPE
+positions (t=0, h, w); it adds no parameters beyond the null token that replaces it when the
+reference is dropped. Pose features are stacked with the noisy latent on channels; their
+patch-embedding weights start at zero, so pose changes nothing until trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from omni_train.models.attention import BACKENDS
+from omni_train.models.conditioning import (
+    AudioProjector,
+    PoseGuider,
+    TimestepEmbedding,
+    latent_frames_for,
+)
+from omni_train.models.config import ModelConfig
+from omni_train.models.mmdit import MMDiT
+from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
+
+CONDITION_NAMES: tuple[str, ...] = ("text", "ref", "audio", "pose")
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, L, h, w) -> (B, L * h/p * w/p, C p p)."""
+    return rearrange(x, "b c l (gh ph) (gw pw) -> b (l gh gw) (c ph pw)", ph=patch, pw=patch)
+
+
+def unpatchify(
+    tokens: torch.Tensor, frames: int, grid_h: int, grid_w: int, patch: int
+) -> torch.Tensor:
+    return rearrange(
+        tokens,
+        "b (l gh gw) (c ph pw) -> b c l (gh ph) (gw pw)",
+        l=frames,
+        gh=grid_h,
+        gw=grid_w,
+        ph=patch,
+        pw=patch,
+    )
+
+
+def video_stream_positions(frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(t, h, w) RoPE positions of the video stream: frame tokens (t = latent frame index)
+    followed by reference tokens (t = 0)."""
+    return torch.cat([grid_positions(frames, grid_h, grid_w), grid_positions(1, grid_h, grid_w)])
+
+
+class OmniDenoiser(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dit = cfg.dit
+        if dit.hidden_size % dit.num_heads:
+            raise ValueError(f"dit.hidden_size={dit.hidden_size} must divide by dit.num_heads")
+        validate_rope_axes(dit.rope_axes, dit.hidden_size // dit.num_heads)
+        if dit.attention not in BACKENDS:
+            raise ValueError(f"dit.attention={dit.attention!r} not in {BACKENDS}")
+        self.patch_size = dit.patch_size
+        self.latent_channels = cfg.vae.latent_channels
+        self.rope_axes = list(dit.rope_axes)
+        self.rope_theta = dit.rope_theta
+        hidden = dit.hidden_size
+        patch_area = dit.patch_size**2
+
+        self.patch_embed = nn.Linear(self.latent_channels * patch_area, hidden)
+        self.pose_guider = PoseGuider(cfg.pose_guider)
+        self.pose_patch_embed = nn.Linear(
+            self.pose_guider.out_channels * patch_area, hidden, bias=False
+        )
+        nn.init.zeros_(self.pose_patch_embed.weight)
+        self.text_proj = nn.Sequential(
+            nn.RMSNorm(cfg.text_encoder.d_model, eps=1e-6),
+            nn.Linear(cfg.text_encoder.d_model, hidden),
+        )
+        self.timestep_embed = TimestepEmbedding(hidden)
+        self.audio_projector = AudioProjector(
+            cfg.audio_encoder.feature_dim, hidden, dit.audio_window
+        )
+        # Learned stand-ins for a condition that is off (dropped in training, or never given).
+        # They are used only inside this module's forward, where parameter-sharding wrappers
+        # expect every parameter use to happen (no helper methods on children).
+        self.null_text = nn.Parameter(torch.randn(hidden) * 0.02)
+        tokens_per_frame = self.audio_projector.tokens_per_frame
+        self.null_audio = nn.Parameter(torch.randn(tokens_per_frame, hidden) * 0.02)
+        self.null_reference = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.motion_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.backbone = MMDiT(
+            hidden,
+            dit.depth,
+            dit.num_heads,
+            dit.mlp_ratio,
+            out_features=self.latent_channels * patch_area,
+            attention_backend=dit.attention,
+            gradient_checkpointing=dit.gradient_checkpointing,
+        )
+        # Modules that do not exist in a text-to-video MMDiT: a trainer may give them their own lr.
+        self.new_module_prefixes: tuple[str, ...] = (
+            "audio_projector.",
+            "null_audio",
+            "pose_guider.",
+            "pose_patch_embed.",
+            *(f"backbone.blocks.{i}.audio_attn." for i in range(dit.depth)),
+        )
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref_latents: torch.Tensor,
+        audio_features: torch.Tensor | None,
+        pose_heatmaps: torch.Tensor | None,
+        active: dict[str, torch.Tensor],
+        num_motion_latents: int = 0,
+    ) -> torch.Tensor:
+        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise)."""
+        batch, _, frames, height, width = noisy.shape
+        patch = self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"latent size {height}x{width} must divide by patch_size={patch}")
+        if not 0 <= num_motion_latents < frames:
+            raise ValueError(f"num_motion_latents={num_motion_latents} not in [0, {frames})")
+        flags = _condition_flags(active, batch, noisy.device)
+        dtype = self.patch_embed.weight.dtype
+        grid_h, grid_w = height // patch, width // patch
+
+        pose = self._pose_features(pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        frame_tokens = self.patch_embed(patchify(noisy.to(dtype), patch))
+        frame_tokens = frame_tokens + self.pose_patch_embed(patchify(pose, patch))
+        # Applied even with no motion frames, so the parameter always gets a (zero) gradient.
+        is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
+        is_motion = is_motion.repeat_interleave(grid_h * grid_w).to(dtype)
+        frame_tokens = frame_tokens + is_motion[:, None] * self.motion_embedding
+        ref_tokens = self.patch_embed(patchify(ref_latents.to(dtype), patch))
+        ref_tokens = torch.where(flags["ref"][:, None, None], ref_tokens, self.null_reference)
+        video = torch.cat([frame_tokens, ref_tokens], dim=1)
+
+        text_tokens, text_keys = self._text_tokens(text, text_mask, flags["text"], dtype)
+        video_keys = text_keys.new_ones(batch, video.shape[1])
+        key_mask = torch.cat([text_keys, video_keys], dim=1)[:, None, None, :]
+        audio_tokens = self._audio_tokens(audio_features, flags["audio"], batch, frames, dtype)
+        cond = self.timestep_embed(timesteps.to(noisy.device))
+        positions = video_stream_positions(frames, grid_h, grid_w).to(noisy.device)
+        rope_cos, rope_sin = rope_cos_sin(positions, self.rope_axes, self.rope_theta, dtype)
+
+        patches = self.backbone(
+            text_tokens,
+            video,
+            cond,
+            key_mask,
+            rope_cos,
+            rope_sin,
+            audio_tokens,
+            num_frame_tokens=frame_tokens.shape[1],
+        )
+        return unpatchify(patches, frames, grid_h, grid_w, patch)
+
+    def _pose_features(
+        self,
+        heatmaps: torch.Tensor | None,
+        pose_on: torch.Tensor,
+        latent_shape: torch.Size,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        batch, _, frames, height, width = latent_shape
+        if heatmaps is None:
+            zeros_shape = (batch, self.pose_guider.out_channels, frames, height, width)
+            return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
+        features = self.pose_guider(heatmaps.to(dtype))
+        if features.shape[2:] != (frames, height, width):
+            raise ValueError(
+                f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
+                f"{tuple(features.shape[2:])} grid, the latents are {(frames, height, width)}"
+            )
+        return features * pose_on.to(dtype)[:, None, None, None, None]
+
+    def _text_tokens(
+        self, text: torch.Tensor, text_mask: torch.Tensor, text_on: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project text; a sample with text off sees one learned null token in its place."""
+        if text.shape[1] < 1:
+            raise ValueError("text must have at least one token position (pad if empty)")
+        tokens = torch.where(text_on[:, None, None], self.text_proj(text.to(dtype)), self.null_text)
+        only_first = torch.zeros_like(text_mask, dtype=torch.bool)
+        only_first[:, 0] = True
+        keys = torch.where(text_on[:, None], text_mask.bool(), only_first)
+        return tokens, keys
+
+    def _audio_tokens(
+        self,
+        features: torch.Tensor | None,
+        audio_on: torch.Tensor,
+        batch: int,
+        frames: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        null = self.null_audio.expand(batch, frames, -1, -1)
+        if features is None:
+            return null
+        if latent_frames_for(features.shape[1]) != frames:
+            raise ValueError(
+                f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
+                f"need {1 + 4 * (frames - 1)}"
+            )
+        tokens = self.audio_projector(features.to(dtype))
+        return torch.where(audio_on[:, None, None, None], tokens, null)
+
+
+def _condition_flags(
+    active: dict[str, torch.Tensor], batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    missing = [name for name in CONDITION_NAMES if name not in active]
+    if missing:
+        raise KeyError(f"active is missing conditions {missing}; give all of {CONDITION_NAMES}")
+    flags = {}
+    for name in CONDITION_NAMES:
+        flag = torch.as_tensor(active[name], device=device).bool()
+        if flag.shape != (batch,):
+            raise ValueError(f"active[{name!r}] has shape {tuple(flag.shape)}, want ({batch},)")
+        flags[name] = flag
+    return flags
+
+
+def build_denoiser(cfg: ModelConfig) -> OmniDenoiser:
+    return OmniDenoiser(cfg)
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Parameter counts per top-level child (and direct parameter), plus total and trainable."""
+    counts = {
+        name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()
+    }
+    for name, param in module.named_parameters(recurse=False):
+        counts[name] = param.numel()
+    counts["total"] = sum(p.numel() for p in module.parameters())
+    counts["trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return counts

@@ -1,0 +1,221 @@
+"""MMDiT blocks: text and video streams with their own weights meeting in one joint attention.
+
+Per block: adaLN-Zero modulation from the conditioning vector, joint attention over
+[text; video] (3D RoPE on the video stream only, text key padding), a frame-local audio
+cross-attention for the video frame tokens, then each stream's MLP. The video stream holds the
+video frame tokens followed by any extra tokens (the reference), which skip the audio step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from omni_train.models.attention import attention
+from omni_train.models.rope import apply_rope
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads*d) -> (B, heads, N, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(-2)
+
+
+def _mlp(hidden_size: int, mlp_ratio: float) -> nn.Sequential:
+    inner = int(hidden_size * mlp_ratio)
+    return nn.Sequential(
+        nn.Linear(hidden_size, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden_size)
+    )
+
+
+class Stream(nn.Module):
+    """One modality's weights in a block. Without ``emits_output`` (the text stream of the last
+    block) it only lends keys and values to the joint attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, emits_output: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.emits_output = emits_output
+        head_dim = hidden_size // num_heads
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden_size, (3 if emits_output else 2) * hidden_size)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        # shift/scale for attention input, and (with output) gate, shift/scale/gate for the MLP
+        self.modulation = _zero_linear(hidden_size, (6 if emits_output else 2) * hidden_size)
+        if emits_output:
+            self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+            self.attn_out = nn.Linear(hidden_size, hidden_size)
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.mlp = _mlp(hidden_size, mlp_ratio)
+
+    def project(
+        self, x: torch.Tensor, mod: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        heads = _split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), self.num_heads)
+        if self.emits_output:
+            q, k, v = heads.chunk(3, dim=-1)
+            return self.q_norm(q), self.k_norm(k), v
+        k, v = heads.chunk(2, dim=-1)
+        return None, self.k_norm(k), v
+
+    def after_attention(
+        self, x: torch.Tensor, attended: torch.Tensor, mod: list[torch.Tensor]
+    ) -> torch.Tensor:
+        return x + mod[2][:, None] * self.attn_out(attended)
+
+    def feed_forward(self, x: torch.Tensor, mod: list[torch.Tensor]) -> torch.Tensor:
+        return x + mod[5][:, None] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+
+
+class FrameAudioCrossAttention(nn.Module):
+    """Video tokens of latent frame j attend only to frame j's audio tokens.
+
+    Frames are folded into the batch, so no (frames x frames) mask is ever built. The output
+    projection starts at zero, so a fresh module leaves the video stream unchanged.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, backend: str) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        head_dim = hidden_size // num_heads
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.out = _zero_linear(hidden_size, hidden_size)
+
+    def forward(self, frame_tokens: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L*n, hidden) frame tokens and (B, L, K, hidden) audio -> (B, L*n, hidden) update."""
+        batch, frames, slots, hidden = audio_tokens.shape
+        per_frame = frame_tokens.reshape(batch * frames, -1, hidden)
+        q = self.q_norm(_split_heads(self.q(self.norm(per_frame)), self.num_heads))
+        kv = _split_heads(
+            self.kv(audio_tokens.reshape(batch * frames, slots, hidden)), self.num_heads
+        )
+        k, v = kv.chunk(2, dim=-1)
+        attended = attention(q, self.k_norm(k), v, backend=self.backend)
+        return self.out(_merge_heads(attended)).reshape(frame_tokens.shape)
+
+
+class MMDiTBlock(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        text_emits_output: bool,
+        attention_backend: str,
+    ) -> None:
+        super().__init__()
+        self.attention_backend = attention_backend
+        self.text = Stream(hidden_size, num_heads, mlp_ratio, emits_output=text_emits_output)
+        self.video = Stream(hidden_size, num_heads, mlp_ratio, emits_output=True)
+        self.audio_attn = FrameAudioCrossAttention(hidden_size, num_heads, attention_backend)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        video: torch.Tensor,
+        cond: torch.Tensor,
+        key_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        num_frame_tokens: int,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """text (B, Lt, h), video (B, Nv, h), cond (B, h), key_mask (B, 1, 1, Lt + Nv) bool;
+        the first ``num_frame_tokens`` video-stream tokens are frame tokens."""
+        cond = nn.functional.silu(cond)
+        text_mod = self.text.modulation(cond).chunk(6 if self.text.emits_output else 2, dim=-1)
+        video_mod = self.video.modulation(cond).chunk(6, dim=-1)
+        q_t, k_t, v_t = self.text.project(text, text_mod)
+        q_v, k_v, v_v = self.video.project(video, video_mod)
+        q_v, k_v = apply_rope(q_v, rope_cos, rope_sin), apply_rope(k_v, rope_cos, rope_sin)
+        k = torch.cat([k_t, k_v], dim=2)
+        v = torch.cat([v_t, v_v], dim=2)
+        q = q_v if q_t is None else torch.cat([q_t, q_v], dim=2)
+        attended = _merge_heads(attention(q, k, v, key_mask, backend=self.attention_backend))
+        num_text = attended.shape[1] - video.shape[1]
+
+        video = self.video.after_attention(video, attended[:, num_text:], video_mod)
+        frames, extra = video[:, :num_frame_tokens], video[:, num_frame_tokens:]
+        frames = frames + self.audio_attn(frames, audio_tokens)
+        video = self.video.feed_forward(torch.cat([frames, extra], dim=1), video_mod)
+        if not self.text.emits_output:
+            return None, video
+        text = self.text.after_attention(text, attended[:, :num_text], text_mod)
+        return self.text.feed_forward(text, text_mod), video
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a zero-initialised linear to patch values (the model starts at v = 0)."""
+
+    def __init__(self, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = _zero_linear(hidden_size, 2 * hidden_size)
+        self.linear = _zero_linear(hidden_size, out_features)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(nn.functional.silu(cond)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """The stack of blocks and the final layer; outputs patch values for frame tokens only."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        out_features: int,
+        attention_backend: str = "auto",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"dit.hidden_size={hidden_size} must divide by num_heads={num_heads}")
+        self.gradient_checkpointing = gradient_checkpointing
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(hidden_size, num_heads, mlp_ratio, i < depth - 1, attention_backend)
+            for i in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, out_features)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        video: torch.Tensor,
+        cond: torch.Tensor,
+        key_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        num_frame_tokens: int,
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            args = (text, video, cond, key_mask, rope_cos, rope_sin, audio_tokens, num_frame_tokens)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                text, video = checkpoint(block, *args, use_reentrant=False)
+            else:
+                text, video = block(*args)
+        return self.final_layer(video[:, :num_frame_tokens], cond)

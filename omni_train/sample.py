@@ -1,0 +1,151 @@
+"""Sampling entry point: a reference image and an audio track -> an mp4 with that audio.
+
+    python -m omni_train.sample checkpoint=RUN_DIR/checkpoints/step_N ref_image=IMG \
+        audio=WAV out=OUT.mp4 [caption="..."] [seconds=4] [sampling_steps=N]
+
+The video is generated segment by segment; each segment after the first is conditioned on
+the last 5 frames of the one before (motion frames, paper §3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from omni_train.config import SampleConfig, TrainConfig, register_configs
+
+log = logging.getLogger("omni_train.sample")
+register_configs()
+
+
+@dataclass
+class LoadedRun:
+    cfg: TrainConfig
+    checkpoint: Path
+    denoiser: torch.nn.Module
+    encoders: torch.nn.Module
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint folder, or the newest complete one of a run dir."""
+    from omni_train.trainer import checkpoint as ckpt
+
+    path = Path(path)
+    if (path / ckpt.COMPLETE_MARKER).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            latest = ckpt.latest_checkpoint(root)
+            if latest is not None:
+                return latest
+    raise FileNotFoundError(
+        f"checkpoint={path} is neither a complete checkpoint folder nor a run dir holding "
+        "one: pass RUN_DIR or RUN_DIR/checkpoints/step_N"
+    )
+
+
+def load_run(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Rebuild the denoiser and frozen encoders of a checkpoint from its exported weights."""
+    from omni_train.models.denoiser import build_denoiser
+    from omni_train.models.encoders import build_frozen_encoders
+    from omni_train.models.weights import load_strict
+    from omni_train.trainer.weights import DENOISER_FILE, FROZEN_FILE
+
+    folder = resolve_checkpoint(checkpoint)
+    saved = OmegaConf.load(folder / "config.yaml")
+    cfg: TrainConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    )
+    encoders = build_frozen_encoders(cfg.model)
+    if (folder / FROZEN_FILE).is_file():
+        load_strict(encoders, folder / FROZEN_FILE, what="frozen encoders")
+    denoiser = build_denoiser(cfg.model)
+    load_strict(denoiser, folder / DENOISER_FILE, what="denoiser")
+    return LoadedRun(cfg, folder, denoiser.to(device).eval(), encoders.to(device).eval())
+
+
+def reference_tensor(path: str | Path, resolution: list[int]) -> torch.Tensor:
+    """The first frame of ``path`` resized and center-cropped to (1, 3, H, W) in [-1, 1]."""
+    from omni_train.data.decode import crop_geometry, resize_crop
+    from omni_train.media import read_first_frame
+
+    image = read_first_frame(path)
+    geometry = crop_geometry(image.shape[0], image.shape[1], *resolution)
+    return resize_crop(image[None], geometry)
+
+
+def output_frames(seconds: float, audio_seconds: float, fps: float, segment_frames: int) -> int:
+    """Frames to generate: the requested (or the audio's) length, at least two segments."""
+    wanted = round((seconds if seconds > 0 else audio_seconds) * fps)
+    return max(wanted, 2 * segment_frames - 5)
+
+
+def run_sampling(cfg: SampleConfig) -> Path:
+    from omni_train.diffusion.sampler import generate_long_video
+    from omni_train.media import AUDIO_RATE, read_audio, to_uint8_frames, write_mp4
+
+    torch.manual_seed(cfg.seed)
+    run = load_run(cfg.checkpoint)
+    train_cfg = run.cfg
+    diffusion = train_cfg.diffusion
+    if cfg.sampling_steps > 0:
+        diffusion.sampling_steps = cfg.sampling_steps
+    fps = train_cfg.data.fps
+    segment = cfg.segment_frames or train_cfg.data.num_frames
+    if segment <= diffusion.motion_frames or (segment - 1) % 4:
+        raise ValueError(
+            f"segment_frames={segment}: needs 1 + 4k frames and more than the "
+            f"{diffusion.motion_frames} motion frames (e.g. 17 or 33)"
+        )
+    ref = reference_tensor(cfg.ref_image, train_cfg.data.resolution)
+    waveform = read_audio(cfg.audio, AUDIO_RATE)
+    total = output_frames(cfg.seconds, len(waveform) / AUDIO_RATE, fps, segment)
+    needed = round(total / fps * AUDIO_RATE)
+    audio = torch.zeros(needed)
+    audio[: min(needed, len(waveform))] = torch.from_numpy(waveform[:needed])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log.info(
+        "sampling %d frames (%.2f s at %g fps) in segments of %d from %s",
+        total,
+        total / fps,
+        fps,
+        segment,
+        run.checkpoint,
+    )
+    with torch.no_grad():
+        video = generate_long_video(
+            run.denoiser,
+            run.encoders,
+            ref,
+            audio,
+            cfg.caption,
+            fps,
+            total,
+            segment,
+            diffusion,
+            generator,
+        )
+    out = Path(cfg.out)
+    write_mp4(out, to_uint8_frames(video[0]), fps, audio.numpy(), AUDIO_RATE)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(raw: DictConfig) -> None:
+    cfg: SampleConfig = OmegaConf.to_object(raw)
+    try:
+        out = run_sampling(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Helpers for tests and benchmarks: compose configs in-process, fork ranks without torchrun."""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train_config(overrides: Sequence[str] = ()) -> Any:
+    """The TrainConfig object that `python -m omni_train.train OVERRIDES` would run."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from omni_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        raw = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_object(raw), OmegaConf.to_container(raw, resolve=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(rank, world_size, port, fn, args, queue) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300) -> list:
+    """Run ``fn(*args)`` in ``world_size`` forked ranks with a gloo group's environment.
+
+    Returns each rank's result in rank order; raises with the failing rank's traceback.
+    Forking (not spawning) keeps torch and deepspeed imports from being paid again per rank.
+    """
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue))
+        for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead and queue.empty():
+                    raise RuntimeError(f"a rank died with exit code {dead[0]}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout} s") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,167 @@
+"""One micro-batch: frozen encoders -> condition masks applied -> flow-matching loss.
+
+Kept apart from the Trainer so that the loss of a batch is a plain function of its inputs
+(model, batch, masks, seeded generator) and can be tested without a process group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from omni_train.curriculum import CONDITIONS
+from omni_train.data.pose import keypoint_heatmaps
+from omni_train.diffusion.config import DiffusionConfig
+from omni_train.diffusion.flow import flow_matching_loss, sample_timesteps
+
+# A sample's task is named after its strongest active condition (paper §3.3 order).
+TASKS: tuple[str, ...] = ("uncond", *CONDITIONS)
+
+
+def task_of(active: Mapping[str, bool]) -> str:
+    strongest = "uncond"
+    for cond in CONDITIONS:
+        if active[cond]:
+            strongest = cond
+    return strongest
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A 63-bit seed for the noise and timesteps of one micro-batch on one rank."""
+    digest = hashlib.sha1(f"{seed}:{step}:{rank}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class StepResult:
+    """Per-sample losses and condition activity of one or more micro-batches on one rank."""
+
+    loss: torch.Tensor | None
+    per_sample: torch.Tensor
+    active: dict[str, torch.Tensor]
+    num_motion_latents: int
+    corrupt_skipped: int = 0
+    tasks: list[str] = field(default_factory=list)
+
+    def detach(self) -> StepResult:
+        return StepResult(
+            loss=None,
+            per_sample=self.per_sample.detach().float(),
+            active={k: v.detach() for k, v in self.active.items()},
+            num_motion_latents=self.num_motion_latents,
+            corrupt_skipped=self.corrupt_skipped,
+            tasks=list(self.tasks),
+        )
+
+    @staticmethod
+    def merge(results: list[StepResult]) -> StepResult:
+        return StepResult(
+            loss=None,
+            per_sample=torch.cat([r.per_sample for r in results]),
+            active={c: torch.cat([r.active[c] for r in results]) for c in CONDITIONS},
+            num_motion_latents=results[-1].num_motion_latents,
+            corrupt_skipped=results[-1].corrupt_skipped,
+            tasks=[t for r in results for t in r.tasks],
+        )
+
+    # Layout of the vector summed over ranks: [loss_sum, count, active per condition,
+    # (loss_sum, count) per task, corrupt_skipped].
+    def totals(self, device: torch.device) -> torch.Tensor:
+        values = [float(self.per_sample.sum()), float(self.per_sample.numel())]
+        values += [float(self.active[c].sum()) for c in CONDITIONS]
+        for task in TASKS:
+            chosen = [i for i, t in enumerate(self.tasks) if t == task]
+            values += [float(self.per_sample[chosen].sum()) if chosen else 0.0, len(chosen)]
+        values.append(float(self.corrupt_skipped))
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def row_from_totals(totals: list[float]) -> dict[str, float | int]:
+        loss_sum, count = totals[0], totals[1]
+        row: dict[str, float | int] = {
+            "loss": loss_sum / max(count, 1.0),
+            "batch_size": int(count),
+        }
+        for i, cond in enumerate(CONDITIONS):
+            row[f"active_{cond}"] = int(totals[2 + i])
+        offset = 2 + len(CONDITIONS)
+        for i, task in enumerate(TASKS):
+            task_sum, task_count = totals[offset + 2 * i], totals[offset + 2 * i + 1]
+            row[f"count_task_{task}"] = int(task_count)
+            if task_count:
+                row[f"loss_task_{task}"] = task_sum / task_count
+        row["corrupt_skipped"] = int(totals[-1])
+        return row
+
+
+def pose_heatmaps(keypoints: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """(B, T, J, 3) keypoints -> (B, J, T, H, W) heatmaps for the pose guider."""
+    return keypoint_heatmaps(keypoints, height, width, sigma).permute(0, 2, 1, 3, 4)
+
+
+def compute_loss(
+    model: Callable[..., torch.Tensor],
+    encoders,
+    batch: Mapping,
+    masks: Mapping[str, np.ndarray],
+    num_motion_latents: int,
+    diffusion_cfg: DiffusionConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    pose_sigma: float = 2.0,
+) -> StepResult:
+    """Flow-matching loss of one micro-batch with the curriculum's per-sample masks applied.
+
+    Conditions that are off for a sample reach the model as its learned nulls (the model
+    decides how); conditions off for the whole batch are not encoded.
+    """
+    video = batch["video"].to(device)
+    batch_size, _, num_frames, height, width = video.shape
+    active = {c: torch.as_tensor(np.asarray(masks[c]), device=device) for c in CONDITIONS}
+    # A clip without an audio track cannot train audio, whatever its tag says.
+    active["audio"] = active["audio"] & batch["has_audio"].to(device)
+
+    x0 = encoders.encode_video(video)
+    ref_latents = encoders.encode_video(batch["ref"].to(device)[:, :, None])
+    text, text_mask = encoders.encode_text(list(batch["captions"]))
+    # Every module runs on every rank even when a condition is off for the whole micro-batch
+    # (inactive samples see learned nulls): ZeRO's gradient reduction expects the same
+    # parameters to produce gradients everywhere.
+    if bool(active["audio"].any()):
+        audio = encoders.encode_audio(batch["audio"].to(device), num_frames)
+    else:
+        audio = torch.zeros(batch_size, num_frames, encoders.audio.dim, device=device)
+    keypoints = batch["keypoints"].to(device)
+    if not bool(active["pose"].any()):
+        keypoints = torch.zeros_like(keypoints)
+    heatmaps = pose_heatmaps(keypoints, height, width, pose_sigma)
+
+    t = sample_timesteps(diffusion_cfg, batch_size, generator, device)
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    per_sample = flow_matching_loss(
+        model,
+        x0,
+        noise,
+        t,
+        num_motion_latents,
+        text=text,
+        text_mask=text_mask,
+        ref_latents=ref_latents,
+        audio_features=audio,
+        pose_heatmaps=heatmaps,
+        active=active,
+    )
+    flags = {c: active[c].cpu().numpy() for c in CONDITIONS}
+    tasks = [task_of({c: bool(flags[c][i]) for c in CONDITIONS}) for i in range(batch_size)]
+    return StepResult(
+        loss=per_sample.mean(),
+        per_sample=per_sample,
+        active=active,
+        num_motion_latents=num_motion_latents,
+        corrupt_skipped=int(batch.get("corrupt_skipped", 0)),
+        tasks=tasks,
+    )
