@@ -16,11 +16,11 @@ venv: $(STAMP)
 
 # Torch goes first so that deepspeed and the range in pyproject.toml keep this CPU build
 # instead of pulling a CUDA one. The stamp makes re-runs instant until pyproject changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

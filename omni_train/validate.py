@@ -16,6 +16,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     try:
         validate_curriculum(cfg.curriculum)
         deepspeed_config(cfg.trainer, cfg.data.batch_size, world_size)
+        cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
     frames = cfg.data.num_frames

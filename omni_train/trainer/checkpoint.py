@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from omni_train.models.weights import fsync_directory
+
 COMPLETE_MARKER = "complete.json"
 _FINAL = re.compile(r"^step_(\d{8,})$")
 _STAGING_PREFIX = ".staging_"
@@ -82,7 +84,7 @@ def publish(staging: Path, meta: dict[str, Any]) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_directory(final.parent)
     return final
 
 
@@ -96,16 +98,3 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

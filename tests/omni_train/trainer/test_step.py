@@ -1,0 +1,123 @@
+"""One micro-batch's loss and the metrics row built from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from omni_train.diffusion.config import DiffusionConfig
+from omni_train.models.config import ModelConfig
+from omni_train.models.denoiser import build_denoiser
+from omni_train.models.encoders import build_frozen_encoders
+from omni_train.trainer.step import StepResult, compute_loss, step_seed, task_of
+
+
+def _batch(batch_size=2, frames=9, size=32):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "video": torch.rand(batch_size, 3, frames, size, size, generator=g) * 2 - 1,
+        "ref": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
+        "audio": torch.randn(batch_size, 16_000 * frames // 8, generator=g) * 0.1,
+        "keypoints": torch.rand(batch_size, frames, 17, 3, generator=g),
+        "captions": ["a person talks", ""][:batch_size],
+        "keys": [f"k{i}" for i in range(batch_size)],
+        "quality": [{}] * batch_size,
+        "has_audio": torch.tensor([True, False][:batch_size]),
+        "corrupt_skipped": 3,
+    }
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    return build_frozen_encoders(cfg), build_denoiser(cfg)
+
+
+def _masks(text, ref, audio, pose):
+    return {
+        "text": np.array(text),
+        "ref": np.array(ref),
+        "audio": np.array(audio),
+        "pose": np.array(pose),
+    }
+
+
+def _loss(parts, masks, seed=1, motion=0):
+    encoders, denoiser = parts
+    gen = torch.Generator().manual_seed(seed)
+    return compute_loss(
+        denoiser, encoders, _batch(), masks, motion, DiffusionConfig(), gen, torch.device("cpu")
+    )
+
+
+def test_loss_is_seeded_and_trains_every_module(parts):
+    masks = _masks([True, True], [True, False], [True, True], [False, True])
+    a, b = _loss(parts, masks), _loss(parts, masks)
+    assert torch.equal(a.per_sample, b.per_sample)
+    assert not torch.equal(a.per_sample, _loss(parts, masks, seed=2).per_sample)
+    a.loss.backward()
+    denoiser = parts[1]
+    unused = [n for n, p in denoiser.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    denoiser.zero_grad(set_to_none=True)
+
+
+def test_audio_is_off_for_a_clip_without_a_track(parts):
+    result = _loss(parts, _masks([True, True], [True, True], [True, True], [True, True]))
+    assert result.active["audio"].tolist() == [True, False]
+    assert result.tasks == ["pose", "pose"]
+    assert result.corrupt_skipped == 3
+
+
+def test_a_condition_off_for_the_whole_batch_still_gives_every_module_a_gradient(parts):
+    result = _loss(parts, _masks([False, False], [True, True], [False, False], [False, False]))
+    result.loss.backward()
+    denoiser = parts[1]
+    assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
+    denoiser.zero_grad(set_to_none=True)
+
+
+def test_rows_sum_over_ranks_and_micro_batches():
+    def result(losses, audio, tasks):
+        n = len(losses)
+        return StepResult(
+            loss=None,
+            per_sample=torch.tensor(losses),
+            active={
+                "text": torch.ones(n, dtype=torch.bool),
+                "ref": torch.zeros(n, dtype=torch.bool),
+                "audio": torch.tensor(audio),
+                "pose": torch.zeros(n, dtype=torch.bool),
+            },
+            num_motion_latents=0,
+            corrupt_skipped=1,
+            tasks=tasks,
+        )
+
+    merged = StepResult.merge(
+        [result([1.0, 3.0], [True, False], ["audio", "text"]), result([2.0], [False], ["text"])]
+    )
+    other_rank = result([6.0], [True], ["audio"])
+    totals = merged.totals(torch.device("cpu")) + other_rank.totals(torch.device("cpu"))
+    row = StepResult.row_from_totals(totals.tolist())
+    assert row["loss"] == pytest.approx(3.0)
+    assert row["batch_size"] == 4
+    assert (row["active_text"], row["active_ref"], row["active_audio"]) == (4, 0, 2)
+    assert row["count_task_audio"] == 2 and row["loss_task_audio"] == pytest.approx(3.5)
+    assert row["count_task_text"] == 2 and row["loss_task_text"] == pytest.approx(2.5)
+    assert "loss_task_pose" not in row
+    assert row["corrupt_skipped"] == 2
+
+
+def test_task_is_the_strongest_active_condition():
+    assert task_of({"text": True, "ref": True, "audio": False, "pose": False}) == "ref"
+    assert task_of({"text": False, "ref": False, "audio": False, "pose": True}) == "pose"
+    assert task_of({"text": False, "ref": False, "audio": False, "pose": False}) == "uncond"
+
+
+def test_step_seeds_differ_by_every_coordinate():
+    seeds = {step_seed(0, s, r, m) for s in range(3) for r in range(2) for m in range(2)}
+    assert len(seeds) == 12
+    assert step_seed(0, 1, 0, 0) == step_seed(0, 1, 0, 0)
