@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,annotate]"
+	# MediaPipe's metadata pins protobuf<5 and numpy<2, which wandb and torch outgrow; it runs
+	# with both (data_pipelines/annotators/mediapipe_compat.py), so it goes in without deps.
+	$(PY) -m pip install -q --no-deps "mediapipe==0.10.21"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,8 +41,8 @@ bench: $(STAMP)
 	  echo "== $$script"; $(PY) "$$script"; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check omni_train data_pipelines tests
-	$(VENV)/bin/ruff format --check omni_train data_pipelines tests
+	$(VENV)/bin/ruff check omni_train data_pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check omni_train data_pipelines tests benchmarks
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -28,10 +29,20 @@ class TagThresholds:
     audio_strong_speech_fraction: float = 0.35
     # audio: clips quieter than this (RMS over the clip, dBFS) are "none".
     audio_min_loudness_dbfs: float = -50.0
-    # audio strong: head keypoints (nose and both eyes) visible in this fraction of frames.
+    # ref "strong" with optical flow: mean flow magnitude per frame, fraction of the diagonal.
+    ref_strong_flow_motion: float = 0.002
+    # ref "strong" needs a person where one was looked for: the best of face_fraction,
+    # head_visibility (fractions of frames) and pose_visibility (mean fraction of joints).
+    ref_strong_person: float = 0.15
+    # audio strong: a face seen in this fraction of the sampled frames (face detector), or,
+    # when no detector ran, head keypoints (nose and both eyes) visible in it.
+    audio_strong_face_fraction: float = 0.9
     audio_strong_head_visibility: float = 0.9
-    # audio strong: lip-sync proxy (mouth-region darkness vs. audio energy, Pearson r).
+    # audio strong: lip-sync proxy (mouth opening or mouth darkness vs. the audio envelope,
+    # Pearson r at the best offset; see annotators/lipsync.py).
     audio_strong_lip_sync: float = 0.3
+    # audio strong with SyncNet weights configured: SyncNet confidence (Sync-C) instead.
+    audio_strong_sync_c: float = 3.0
     # pose: mean fraction of the 17 joints visible per frame.
     pose_strong_visibility: float = 0.85
     pose_weak_visibility: float = 0.4
@@ -50,6 +61,23 @@ class VoiceActivityConfig:
     min_dbfs: float = -50.0
     # ... and this many dB above the source track's noise floor (10th percentile of hops).
     margin_over_floor_db: float = 15.0
+
+
+def default_annotators() -> dict[str, Any]:
+    """The annotators run on every clip, in this order (lip_sync reads what pose and speech
+    found). Each is a Hydra ``_target_`` node; its parameters and their defaults live in its
+    class. ``annotators.NAME=null`` disables one; ``annotators.NAME._target_=my.Class`` swaps
+    it. "auto" backends use the real models when their packages are installed."""
+    package = "data_pipelines.annotators"
+    return {
+        "image_quality": {"_target_": f"{package}.image.ImageQuality"},
+        "motion": {"_target_": f"{package}.image.Motion", "backend": "auto"},
+        "speech": {"_target_": f"{package}.audio.SpeechActivity", "backend": "auto"},
+        "loudness": {"_target_": f"{package}.audio.Loudness"},
+        "pose": {"_target_": f"{package}.body.BodyPose", "backend": "auto"},
+        "face": {"_target_": f"{package}.face.FaceDetector", "backend": "auto"},
+        "lip_sync": {"_target_": f"{package}.lipsync.LipSync"},
+    }
 
 
 @dataclass
@@ -76,7 +104,19 @@ class ShardConfig:
     crf: int = 20
     # Sources processed in parallel (1 = in this process).
     workers: int = 1
+    # Optional captions manifest (jsonl rows {"path": ..., "caption": ...} or a csv with a
+    # path,caption header); paths relative to input_dir. It wins over NAME.txt sidecars.
+    captions: str = ""
+    # Cluster runs: this job shards every num_partitions-th source group, starting at
+    # ``partition`` (e.g. $SLURM_ARRAY_TASK_ID), into output_dir/part-PPPPP; then
+    # ``python -m data_pipelines.merge output_dir=DIR`` writes the combined files.
+    num_partitions: int = 1
+    partition: int = 0
+    # Show the progress bar (clips/s) even when stderr is not a terminal.
+    progress: bool = True
+    # Energy voice detector: the source track's noise floor, and speech backend=energy.
     vad: VoiceActivityConfig = field(default_factory=VoiceActivityConfig)
+    annotators: dict[str, Any] = field(default_factory=default_annotators)
     thresholds: TagThresholds = field(default_factory=TagThresholds)
 
 
@@ -93,7 +133,7 @@ def output_fingerprint(cfg: ShardConfig) -> dict:
                 flat[f"{prefix}{key}"] = value
 
     visit("", asdict(cfg))
-    for key in ("input_dir", "output_dir", "workers"):
+    for key in ("input_dir", "output_dir", "workers", "captions", "progress"):
         flat.pop(key)
     return flat
 

@@ -9,8 +9,12 @@ have used, a resumed job writes the same shards, byte for byte, and never double
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import multiprocessing
+import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -18,6 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipelines.annotators import describe
+from data_pipelines.captions import file_digest, load_captions
 from data_pipelines.config import ShardConfig, output_fingerprint
 from data_pipelines.progress import SHARD_DIR, ShardRecord, load_records, save_record
 from data_pipelines.samples import SourceResult, process_source
@@ -29,6 +35,16 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm"})
 MISSING_VALUES = ("", "???")
+PARTS_DIR = "parts"
+
+
+def partition_of(source: str, num_partitions: int) -> int:
+    """The partition a source belongs to: stable when other files are added or removed."""
+    return int(hashlib.sha1(source.encode("utf-8")).hexdigest()[:8], 16) % num_partitions
+
+
+def part_dir(output_dir: Path, partition: int, num_partitions: int) -> Path:
+    return output_dir / PARTS_DIR / f"part_{partition:04d}-of-{num_partitions:04d}"
 
 
 def check_dirs(cfg: ShardConfig) -> tuple[Path, Path]:
@@ -52,6 +68,12 @@ def check_dirs(cfg: ShardConfig) -> tuple[Path, Path]:
     for key in ("fps", "clip_seconds", "min_clip_seconds"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"{key}={getattr(cfg, key)} must be positive")
+    if cfg.num_partitions < 1 or not 0 <= cfg.partition < cfg.num_partitions:
+        raise ValueError(
+            f"partition={cfg.partition} num_partitions={cfg.num_partitions}: need "
+            "num_partitions >= 1 and 0 <= partition < num_partitions (slurm: "
+            "partition=$SLURM_ARRAY_TASK_ID num_partitions=$SLURM_ARRAY_TASK_COUNT)"
+        )
     if cfg.min_clip_seconds > cfg.clip_seconds:
         raise ValueError(
             f"min_clip_seconds={cfg.min_clip_seconds} exceeds "
@@ -158,32 +180,60 @@ class ShardPacker:
 
 
 def _results(
-    sources: list[str], input_dir: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None
+    sources: list[str],
+    input_dir: Path,
+    cfg: ShardConfig,
+    pool: ProcessPoolExecutor | None,
+    captions: dict[str, str] | None = None,
 ) -> Iterator[SourceResult]:
     """process_source over ``sources``, in order, a few sources ahead when pooled."""
     if pool is None:
         for source in sources:
-            yield process_source(input_dir / source, source, cfg)
+            yield process_source(input_dir / source, source, cfg, (captions or {}).get(source))
         return
     ahead: deque[Future] = deque()
     queue = iter(sources)
+    captions = captions or {}
     for source in queue:
-        ahead.append(pool.submit(process_source, input_dir / source, source, cfg))
+        ahead.append(
+            pool.submit(process_source, input_dir / source, source, cfg, captions.get(source))
+        )
         if len(ahead) >= 2 * cfg.workers:
             break
     while ahead:
         result = ahead.popleft().result()
         next_source = next(queue, None)
         if next_source is not None:
-            ahead.append(pool.submit(process_source, input_dir / next_source, next_source, cfg))
+            ahead.append(
+                pool.submit(
+                    process_source, input_dir / next_source, next_source, cfg,
+                    captions.get(next_source),
+                )
+            )  # fmt: skip
         yield result
+
+
+def _one_thread() -> None:
+    """Worker start-up: one thread per math library, since the workers are the parallelism."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
 
 
 def run_shard(cfg: ShardConfig) -> dict:
     """Shard ``cfg.input_dir`` into ``cfg.output_dir``; returns the stats (also in stats.json)."""
     input_dir, output_dir = check_dirs(cfg)
     settings = output_fingerprint(cfg)
+    # "auto" backends depend on the installed packages: a resumed job must resolve the same.
+    settings.update({f"resolved.{k}": v for k, v in describe(cfg.annotators).items()})
+    captions: dict[str, str] = {}
+    if cfg.captions:
+        manifest = Path(cfg.captions).resolve()
+        captions = load_captions(manifest, input_dir)
+        settings["captions_sha1"] = file_digest(manifest)
     sources = scan_inputs(input_dir, exclude=output_dir)
+    if cfg.num_partitions > 1:
+        sources = [s for s in sources if partition_of(s, cfg.num_partitions) == cfg.partition]
+        output_dir = part_dir(output_dir, cfg.partition, cfg.num_partitions)
     records = load_records(output_dir, input_dir, settings)
     done = {source for record in records.values() for source in record.sources}
     runs = pending_runs(sources, done)
@@ -198,15 +248,25 @@ def run_shard(cfg: ShardConfig) -> dict:
 
     input_rejects: list[dict] = []
     packer = ShardPacker(output_dir, input_dir, cfg, settings, records)
-    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 and todo > 1 else None
+    pool = None
+    if cfg.workers > 1 and todo > 1:
+        # spawn, not fork: a fork of a process whose model runtimes (TFLite, torch) have
+        # started threads can hang or die in the child.
+        pool = ProcessPoolExecutor(
+            cfg.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+        )
+    clips, started = 0, time.perf_counter()
     try:
-        with tqdm(total=todo, desc="shard", unit="video", disable=None) as bar:
+        with tqdm(total=todo, desc="shard", unit="video", disable=not cfg.progress) as bar:
             for run in runs:
-                for result in _results(run, input_dir, cfg, pool):
+                for result in _results(run, input_dir, cfg, pool, captions):
                     if result.samples:
                         packer.add(result)
                     else:
                         input_rejects += result.rejects
+                    clips += len(result.samples)
+                    elapsed = max(1e-9, time.perf_counter() - started)
+                    bar.set_postfix(clips=clips, clips_per_s=f"{clips / elapsed:.2f}")
                     bar.update(1)
                 packer.finish()
     except BaseException:
@@ -219,10 +279,29 @@ def run_shard(cfg: ShardConfig) -> dict:
     _remove_leftovers(output_dir, records)
     manifest = [row for index in sorted(records) for row in records[index].samples]
     rejects = input_rejects + [row for record in records.values() for row in record.rejects]
-    rejects.sort(key=lambda row: (row["source"], row.get("start", -1.0)))
-    stats = build_stats(
-        sources, manifest, rejects, len(records), sum(record.bytes for record in records.values())
-    )
+    stats = write_outputs(
+        output_dir, len(sources), manifest, rejects, len(records),
+        sum(record.bytes for record in records.values()),
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    if todo:
+        log.info("%d clips from %d inputs in %.1f s (%.2f clips/s)", clips, todo, elapsed,
+                 clips / max(elapsed, 1e-9))  # fmt: skip
+    return stats
+
+
+def write_outputs(
+    output_dir: Path,
+    num_inputs: int,
+    manifest: list[dict],
+    rejects: list[dict],
+    num_shards: int,
+    shard_bytes: int,
+) -> dict:
+    """manifest.jsonl, rejects.jsonl (sorted by source, then clip start) and stats.json, each
+    rewritten only when its bytes change; returns the stats."""
+    rejects = sorted(rejects, key=lambda row: (row["source"], row.get("start", -1.0)))
+    stats = build_stats(num_inputs, manifest, rejects, num_shards, shard_bytes)
     write_if_changed(output_dir / "manifest.jsonl", _jsonl(manifest))
     write_if_changed(output_dir / "rejects.jsonl", _jsonl(rejects))
     write_if_changed(

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 RECORD_DIR = "progress"
 SHARD_DIR = "shards"
-VERSION = 1
+VERSION = 2  # 2: settings include the annotators and the backends they resolved to
 
 
 class SettingsMismatch(ValueError):

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines import measures
-from data_pipelines.annotations import Sidecars, keypoints_at, read_sidecars
+from data_pipelines.annotations import Sidecars, read_sidecars
+from data_pipelines.annotators import AnnotatorUnavailable, ClipView, Findings, build_annotators
 from data_pipelines.clips import DecodedSource, clip_spans, decode_source, detect_cuts
 from data_pipelines.config import ShardConfig
 from data_pipelines.media import encode_mp4
@@ -55,10 +56,22 @@ def source_id(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
 
 
-def process_source(path: Path, source: str, cfg: ShardConfig) -> SourceResult:
-    """Probe, decode, split, measure, tag and encode one input. Never raises."""
+@dataclass(frozen=True)
+class CaptionChoice:
+    text: str
+    origin: str  # "manifest", "sidecar" or "none"
+
+
+def process_source(
+    path: Path, source: str, cfg: ShardConfig, caption: str | None = None
+) -> SourceResult:
+    """Probe, decode, split, annotate, tag and encode one input. Never raises for a bad
+    input (it becomes a reject); raises AnnotatorUnavailable, a setting to fix.
+    ``caption`` comes from the captions manifest and wins over a NAME.txt sidecar."""
     try:
-        return _process(path, source, cfg)
+        return _process(path, source, cfg, caption)
+    except AnnotatorUnavailable:
+        raise
     except RejectedInput as err:
         return SourceResult(
             source, rejects=[{"source": source, "reason": err.reason, "detail": err.detail}]
@@ -77,7 +90,7 @@ def process_source(path: Path, source: str, cfg: ShardConfig) -> SourceResult:
         )
 
 
-def _process(path: Path, source: str, cfg: ShardConfig) -> SourceResult:
+def _process(path: Path, source: str, cfg: ShardConfig, caption: str | None) -> SourceResult:
     probe_video(path, cfg.min_clip_seconds)
     decoded = decode_source(path, cfg.fps, cfg.max_side, cfg.audio_sample_rate)
     clip_frames = max(1, round(cfg.clip_seconds * cfg.fps))
@@ -96,12 +109,17 @@ def _process(path: Path, source: str, cfg: ShardConfig) -> SourceResult:
             f"{len(cuts) + 1} shots, none at least min_clip_seconds={cfg.min_clip_seconds} long",
         )
     sidecars = read_sidecars(path)
+    chosen = CaptionChoice(sidecars.caption, "sidecar" if sidecars.caption else "none")
+    if caption is not None:
+        chosen = CaptionChoice(" ".join(caption.split()), "manifest")
     floor = None
     if decoded.audio is not None:
         floor = measures.noise_floor_dbfs(decoded.audio, decoded.sample_rate, cfg.vad)
     result = SourceResult(source)
     for clip_index, (start, end) in enumerate(spans):
-        sample = _make_sample(decoded, sidecars, source, clip_index, start, end, floor, cfg)
+        sample = _make_sample(
+            decoded, sidecars, chosen, source, path, clip_index, start, end, floor, cfg
+        )
         if isinstance(sample, dict):
             result.rejects.append(sample)
         else:
@@ -118,7 +136,9 @@ def _process(path: Path, source: str, cfg: ShardConfig) -> SourceResult:
 def _make_sample(
     decoded: DecodedSource,
     sidecars: Sidecars,
+    caption: CaptionChoice,
     source: str,
+    path: Path,
     clip_index: int,
     start: int,
     end: int,
@@ -140,11 +160,16 @@ def _make_sample(
     if decoded.audio is not None:
         audio = decoded.audio[round(start_s * sr) : round(end_s * sr)]
         audio = np.pad(audio, (0, max(0, round(end_s * sr) - round(start_s * sr) - len(audio))))
-    keypoints = None
-    if sidecars.pose is not None:
-        keypoints = keypoints_at(sidecars.pose, np.arange(start, end) / fps)
-    scores = measure_clip(frames, audio, keypoints, sr, fps, floor, cfg)
-    quality = condition_tiers(scores, sidecars.caption, cfg.thresholds)
+    clip = ClipView(
+        source=source, path=path, frames=frames, fps=fps, audio=audio, sample_rate=sr,
+        start=start_s, end=end_s, floor_dbfs=floor, caption=caption.text,
+        sidecar_pose=sidecars.pose, vad=cfg.vad,
+    )  # fmt: skip
+    found = annotate_clip(clip, build_annotators(cfg.annotators))
+    text = str(found.fields.pop("caption", caption.text))
+    if "caption" not in found.methods:
+        found.methods["caption"] = caption.origin if text else "none"
+    quality = condition_tiers(found.scores, text, cfg.thresholds)
     key = f"{source_id(source)}_c{clip_index:04d}"
     meta = {
         "key": key,
@@ -157,45 +182,28 @@ def _make_sample(
         "width": int(frames.shape[2]),
         "height": int(frames.shape[1]),
         "has_audio": audio is not None,
-        "caption": sidecars.caption,
-        "keypoints": None
-        if keypoints is None
-        else np.round(keypoints.astype(np.float64), 4).tolist(),
-        "keypoints_format": None if keypoints is None else "coco17",
-        "quality": {**quality, "scores": scores},
+        "caption": text,
+        "keypoints": found.fields.pop("keypoints", None),
+        "keypoints_format": found.fields.pop("keypoints_format", None),
+        **found.fields,
+        "quality": {
+            **quality,
+            "scores": found.scores,
+            "methods": dict(sorted(found.methods.items())),
+        },
     }
     mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf)
     return Sample(key, mp4, meta)
 
 
-def measure_clip(
-    frames: np.ndarray,
-    audio: np.ndarray | None,
-    keypoints: np.ndarray | None,
-    sample_rate: int,
-    fps: float,
-    floor_dbfs: float | None,
-    cfg: ShardConfig,
-) -> dict[str, float]:
-    """Every score of one clip; scores that cannot be measured are left out."""
-    scores = {
-        "sharpness": measures.sharpness(frames),
-        "motion": measures.motion(frames),
-        "contrast": measures.contrast(frames),
-        "brightness": measures.brightness(frames),
+def annotate_clip(clip: ClipView, annotators: list) -> Findings:
+    """Run the annotators in order; scores that are not finite numbers are left out."""
+    found = Findings()
+    for annotator in annotators:
+        annotator(clip, found)
+    found.scores = {
+        name: round(float(value), 6)
+        for name, value in found.scores.items()
+        if math.isfinite(float(value))
     }
-    if audio is not None:
-        scores["speech_fraction"] = measures.speech_fraction(
-            audio, sample_rate, cfg.vad, floor_dbfs
-        )
-        scores["loudness_dbfs"] = measures.loudness_dbfs(audio)
-    if keypoints is not None:
-        scores["pose_visibility"] = measures.pose_visibility(keypoints)
-        scores["head_visibility"] = measures.head_visibility(keypoints)
-        scores["pose_jitter"] = measures.pose_jitter(keypoints)
-        scores["keypoint_motion"] = measures.keypoint_motion(keypoints)
-        if audio is not None:
-            sync = measures.lip_sync(frames, keypoints, audio, sample_rate, fps)
-            if sync is not None:
-                scores["lip_sync"] = sync
-    return {name: round(float(value), 6) for name, value in scores.items() if math.isfinite(value)}
+    return found

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.annotators import AnnotatorUnavailable
 from data_pipelines.config import ShardConfig, register_configs
 from data_pipelines.pipeline import run_shard
 from data_pipelines.stats import format_summary
@@ -36,10 +37,17 @@ def main(raw: DictConfig) -> None:
     started = time.perf_counter()
     try:
         stats = run_shard(cfg)
-    except ValueError as err:
+    except (ValueError, AnnotatorUnavailable) as err:
         log.error("%s", err)
         sys.exit(2)
     out = Path(cfg.output_dir).resolve()
+    if cfg.num_partitions > 1:
+        log.info("%s", format_summary(stats))
+        log.info(
+            "partition %d of %d done; when all are: python -m data_pipelines.merge output_dir=%s",
+            cfg.partition, cfg.num_partitions, out,
+        )  # fmt: skip
+        return
     log.info("%s", format_summary(stats))
     log.info(
         "shards:   %s/shards/*.tar\nmanifest: %s/manifest.jsonl\nrejects:  %s/rejects.jsonl"

@@ -8,7 +8,7 @@ from data_pipelines.tags import CONDITIONS, TIERS
 
 
 def build_stats(
-    inputs: list[str],
+    inputs: list[str] | int,
     manifest: list[dict],
     rejects: list[dict],
     num_shards: int,
@@ -17,11 +17,12 @@ def build_stats(
     """Counts of inputs, clips, sharded samples, rejects by reason and samples per tier.
 
     A reject row with "start" is one clip of an input; without it, the whole input.
+    ``inputs``: the input paths, or their number.
     """
     input_rejects = [row for row in rejects if "start" not in row]
     clip_rejects = [row for row in rejects if "start" in row]
     return {
-        "inputs": len(inputs),
+        "inputs": inputs if isinstance(inputs, int) else len(inputs),
         "inputs_sharded": len({row["source"] for row in manifest}),
         "inputs_rejected": len(input_rejects),
         "clips": len(manifest) + len(clip_rejects),

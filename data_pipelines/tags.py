@@ -9,11 +9,12 @@ no audio track -> no ``speech_fraction``; no keypoints -> no ``pose_visibility``
 Rules:
 - text: strong with a caption, weak without. A clip with no caption still trains the text
   task as an empty-prompt (unconditional) sample, so it is never "none".
-- ref: strong when sharp enough and not frozen (motion amplitude), weak when only sharp
-  enough, none when blurry.
+- ref: strong when sharp enough, not frozen (frame difference, joint displacement or optical
+  flow) and, where a face detector or pose model looked, showing a person; weak when only
+  sharp enough, none when blurry.
 - audio: none without a track or when it is silent / near-silent. Strong needs enough
-  speech AND a visible head (nose and eyes) AND a mouth that follows the sound; without
-  keypoints there is no evidence of a visible speaking face, so at most weak.
+  speech AND a visible face (face detector, else head keypoints) AND a mouth that follows the
+  sound (lip_sync); without that evidence at most weak.
 - pose: none without keypoints; strong when most joints are visible and stable; weak when
   enough are visible and the jitter is tolerable.
 """
@@ -37,8 +38,13 @@ def ref_tier(scores: Mapping[str, float], t: TagThresholds) -> str:
     moves = (
         scores.get("motion", 0.0) >= t.ref_strong_motion
         or scores.get("keypoint_motion", 0.0) >= t.ref_strong_keypoint_motion
+        or scores.get("flow_motion", 0.0) >= t.ref_strong_flow_motion
     )
-    if sharp >= t.ref_strong_sharpness and moves:
+    looked = [
+        scores[k] for k in ("face_fraction", "head_visibility", "pose_visibility") if k in scores
+    ]
+    person = not looked or max(looked) >= t.ref_strong_person
+    if sharp >= t.ref_strong_sharpness and moves and person:
         return "strong"
     return "weak" if sharp >= t.ref_weak_sharpness else "none"
 
@@ -51,10 +57,15 @@ def audio_tier(scores: Mapping[str, float], t: TagThresholds) -> str:
         return "none"
     if speech < t.audio_weak_speech_fraction:
         return "none"
-    face_speaks = (
-        scores.get("head_visibility", 0.0) >= t.audio_strong_head_visibility
-        and scores.get("lip_sync", -1.0) >= t.audio_strong_lip_sync
-    )
+    if "face_fraction" in scores:
+        face_seen = scores["face_fraction"] >= t.audio_strong_face_fraction
+    else:
+        face_seen = scores.get("head_visibility", 0.0) >= t.audio_strong_head_visibility
+    if "sync_c" in scores:
+        lips_follow = scores["sync_c"] >= t.audio_strong_sync_c
+    else:
+        lips_follow = scores.get("lip_sync", -1.0) >= t.audio_strong_lip_sync
+    face_speaks = face_seen and lips_follow
     return "strong" if speech >= t.audio_strong_speech_fraction and face_speaks else "weak"
 
 

@@ -162,22 +162,6 @@ def test_bad_inputs_are_rejected_with_reasons(sample, tmp_path):
     assert caption.startswith("a person")
 
 
-def test_real_video_without_audio(shared_data, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    shutil.copy(shared_data / "carphone.mp4", inputs / "carphone.mp4")
-    run_shard(ShardConfig(input_dir=str(inputs), output_dir=str(tmp_path / "out")))
-    (meta,) = _metas(tmp_path / "out").values()
-    assert (meta["width"], meta["height"], meta["num_frames"]) == (160, 130, 24)
-    assert meta["has_audio"] is False and meta["keypoints"] is None
-    assert meta["quality"]["audio"] == "none" and meta["quality"]["pose"] == "none"
-    assert meta["quality"]["ref"] == "strong" and meta["quality"]["text"] == "weak"
-    assert "speech_fraction" not in meta["quality"]["scores"]
-    (members,) = shard_members(tmp_path / "out").values()
-    frames, audio, _ = decode_mp4(members["mp4"])
-    assert audio is None and frames.shape == (24, 130, 160, 3)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "data_pipelines.shard", *args],

@@ -134,3 +134,17 @@ def test_tiers_are_always_valid():
     for result in (condition_tiers({}, "", T), condition_tiers({**IMAGE, **SPEECH}, "c", T)):
         assert set(result) == set(CONDITIONS)
         assert set(result.values()) <= set(TIERS)
+
+
+def test_detector_scores_decide_when_present():
+    frozen = {**IMAGE, "motion": 0.001}
+    assert condition_tiers({**frozen, "flow_motion": 0.01}, "x", T)["ref"] == "strong"
+    assert condition_tiers({**frozen, "flow_motion": 0.0005}, "x", T)["ref"] == "weak"
+    # a detector looked and found nobody: not a usable reference
+    nobody = {**IMAGE, "face_fraction": 0.0, "pose_visibility": 0.0, "head_visibility": 0.0}
+    assert condition_tiers(nobody, "x", T)["ref"] == "weak"
+    speaks = {**IMAGE, **SPEECH, "lip_sync": 0.8}
+    # the face detector outranks head keypoints for the visible-face rule
+    assert condition_tiers({**speaks, "face_fraction": 1.0}, "x", T)["audio"] == "strong"
+    hidden = {**speaks, **POSE, "face_fraction": 0.2}
+    assert condition_tiers(hidden, "x", T)["audio"] == "weak"

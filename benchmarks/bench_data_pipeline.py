@@ -1,0 +1,137 @@
+"""Data pipeline throughput: clips per CPU-second for shard-only and full annotation, as a
+ratio to the floor (a plain PyAV decode of the same files), and what that means for a corpus
+of 19K hours.
+
+    .venv/bin/python benchmarks/bench_data_pipeline.py
+
+Runs in one process with one thread per library, so CPU seconds are core seconds; figures
+swing between runs on a shared machine, the ratios much less.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_pipelines.config import SampleCorpusConfig, ShardConfig, default_annotators  # noqa: E402
+from data_pipelines.media import encode_mp4  # noqa: E402
+from data_pipelines.pipeline import run_shard, scan_inputs  # noqa: E402
+from data_pipelines.sample_corpus import make_sample_corpus  # noqa: E402
+from data_pipelines.voice import read_wav  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+CORPUS_HOURS = 19_000
+LIGHT = {"motion": "frame_diff", "speech": "energy", "pose": "sidecar", "face": "sidecar"}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(fn) -> tuple[float, float, object]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu, result
+
+
+def decode_floor(folder: Path) -> int:
+    """Every frame of every readable input to RGB with plain PyAV; returns frames decoded."""
+    frames = 0
+    for source in scan_inputs(folder):
+        try:
+            with av.open(str(folder / source)) as container:
+                for frame in container.decode(video=0):
+                    frame.to_ndarray(format="rgb24")
+                    frames += 1
+        except av.error.FFmpegError:
+            pass
+    return frames
+
+
+def annotators(mode: str) -> dict:
+    nodes = default_annotators()
+    if mode == "shard-only":
+        for name, backend in LIGHT.items():
+            nodes[name] = {**nodes[name], "backend": backend}
+    else:  # every model, even where sidecars exist
+        for name, backend in {"motion": "farneback", "speech": "silero"}.items():
+            nodes[name] = {**nodes[name], "backend": backend}
+        for name in ("pose", "face"):
+            nodes[name] = {**nodes[name], "backend": "mediapipe", "use_sidecar": False}
+    return nodes
+
+
+def bench_folder(label: str, folder: Path, work: Path, **overrides) -> dict[str, float]:
+    decode_floor(folder)  # warm the page cache
+    floor_wall, floor_cpu, _ = measure(lambda: decode_floor(folder))
+    rates = {}
+    print(f"\n{label}: {len(scan_inputs(folder))} inputs, plain PyAV decode "
+          f"{floor_cpu:.2f} CPU s (the floor)")  # fmt: skip
+    for mode in ("shard-only", "full annotation"):
+        out = work / f"{label}-{mode}".replace(" ", "_")
+        cfg = ShardConfig(input_dir=str(folder), output_dir=str(out), progress=False,
+                          annotators=annotators(mode), **overrides)  # fmt: skip
+        if mode != "shard-only":  # load the models once outside the timing
+            run_shard(ShardConfig(**{**cfg.__dict__, "output_dir": str(out) + "-warm"}))
+        wall, cpu, stats = measure(lambda cfg=cfg: run_shard(cfg))
+        rate = stats["sharded"] / cpu
+        rates[mode] = rate
+        print(f"  {mode:<16} {stats['sharded']:>3} clips  {cpu:6.2f} CPU s  "
+              f"{rate:6.2f} clips/s per core  {cpu / floor_cpu:6.1f}x the decode floor")  # fmt: skip
+    return rates
+
+
+def projection(clip_seconds: float, rates: dict[str, float]) -> None:
+    clips = CORPUS_HOURS * 3600 / clip_seconds
+    print(f"\n{CORPUS_HOURS:,} hours = {clips / 1e6:.1f} M clips of {clip_seconds:g} s:")
+    for mode, rate in rates.items():
+        hours = {n: clips / (rate * n) / 3600 for n in (64, 512, 2048)}
+        print(f"  {mode:<16} " + "   ".join(f"{n:>4} cores {h:8.1f} h" for n, h in hours.items()))
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus"
+        make_sample_corpus(SampleCorpusConfig(out_dir=str(corpus), voice="synthetic"))
+        rates = bench_folder("sample corpus (fps 8, 160 px)", corpus, work)
+        projection(ShardConfig.clip_seconds, rates)
+        if not SHARED.is_dir():
+            print(f"\n{SHARED} is absent: skipping the real media")
+            return
+        real = work / "real"
+        real.mkdir()
+        (real / "carphone.mp4").write_bytes((SHARED / "carphone.mp4").read_bytes())
+        frames = np.stack([f.to_ndarray(format="rgb24")
+                           for f in av.open(str(SHARED / "carphone.mp4")).decode(video=0)])  # fmt: skip
+        audio, rate = read_wav(SHARED / "speech_sample.wav")
+        for n, start in enumerate((7.0, 11.0, 15.0)):
+            speech = audio[round(start * rate) : round((start + 4.1) * rate)]
+            (real / f"carphone_speech{n}.mp4").write_bytes(
+                encode_mp4(frames, 30000 / 1001, speech, rate)
+            )
+        real_rates = bench_folder("real media (fps 25, 176 px)", real, work, fps=25.0,
+                                  clip_seconds=2.0, min_clip_seconds=1.0, max_side=176)  # fmt: skip
+        projection(2.0, real_rates)
+
+
+if __name__ == "__main__":
+    main()

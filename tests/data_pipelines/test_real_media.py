@@ -1,0 +1,114 @@
+"""The real annotators on real media (../shared/data): the issue's "done when" checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data_pipelines.annotators.audio import SpeechActivity
+from data_pipelines.config import ShardConfig
+from data_pipelines.media import encode_mp4
+from data_pipelines.pipeline import run_shard
+from data_pipelines.testing import decode_mp4, shard_members
+from data_pipelines.voice import read_wav
+
+pytest.importorskip("mediapipe")
+pytest.importorskip("silero_vad")
+pytest.importorskip("cv2")
+
+
+def _shard_one(video: Path, tmp_path: Path, **overrides) -> dict:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / video.name).write_bytes(video.read_bytes())
+    run_shard(ShardConfig(input_dir=str(inputs), output_dir=str(tmp_path / "out"), **overrides))
+    (members,) = shard_members(tmp_path / "out").values()
+    return {"meta": json.loads(members["json"]), "mp4": members["mp4"]}
+
+
+@pytest.fixture(scope="module")
+def carphone(shared_data, tmp_path_factory) -> dict:
+    return _shard_one(shared_data / "carphone.mp4", tmp_path_factory.mktemp("carphone"))
+
+
+def test_carphone_has_a_face_and_a_body_pose(carphone):
+    meta = carphone["meta"]
+    scores, methods = meta["quality"]["scores"], meta["quality"]["methods"]
+    assert methods["face"].startswith("mediapipe") and methods["pose"].startswith("mediapipe")
+    assert scores["face_fraction"] == 1.0 and scores["face_count_max"] == 1.0
+    assert 0.05 < scores["face_area"] < 0.5  # head and shoulders in a car
+    assert all(len(boxes) == 1 for boxes in meta["faces"])
+    keypoints = np.asarray(meta["keypoints"])
+    assert keypoints.shape == (meta["num_frames"], 17, 3) and meta["keypoints_format"] == "coco17"
+    assert scores["head_visibility"] == 1.0  # nose and eyes in every frame
+    visible = keypoints[..., 2] >= 0.5
+    assert visible[:, 5:7].all()  # both shoulders
+    assert not visible[:, 13:].any()  # knees and ankles are below the frame
+    nose, shoulders = keypoints[:, 0, :2].mean(0), keypoints[:, 5:7, :2].mean((0, 1))
+    assert nose[1] < shoulders[1]  # the head is above the shoulders
+    assert meta["quality"]["pose"] == "weak"  # half the body: usable, not for pose-strong
+    assert len(meta["hands"]) == meta["num_frames"] and meta["hands_format"] == "mediapipe21"
+
+
+def test_carphone_without_audio_is_audio_none_ref_strong(carphone):
+    meta = carphone["meta"]
+    assert meta["has_audio"] is False and "speech_fraction" not in meta["quality"]["scores"]
+    assert meta["quality"]["audio"] == "none" and meta["quality"]["ref"] == "strong"
+    assert meta["quality"]["text"] == "weak" and meta["quality"]["methods"]["caption"] == "none"
+    frames, audio, _ = decode_mp4(carphone["mp4"])
+    assert audio is None and frames.shape == (24, 130, 160, 3)
+
+
+def test_silero_finds_speech_where_the_transcript_has_it(shared_data):
+    audio, rate = read_wav(shared_data / "speech_sample.wav")
+    probabilities = SpeechActivity(backend="silero").speech_probabilities(audio, rate)
+    seconds = np.arange(len(probabilities)) * 0.032
+    voiced = probabilities >= 0.5
+    assert not voiced[seconds < 6.5].any()  # the transcript starts at 6.68 s
+    assert 6.6 < seconds[voiced][0] < 7.2
+    assert voiced[seconds > 7.0].mean() > 0.6
+
+
+def test_carphone_with_someone_elses_speech_is_not_audio_strong(shared_data, tmp_path):
+    frames = np.stack(
+        [
+            f.to_ndarray(format="rgb24")
+            for f in av.open(str(shared_data / "carphone.mp4")).decode(video=0)
+        ]
+    )
+    audio, rate = read_wav(shared_data / "speech_sample.wav")
+    speech = audio[round(7.0 * rate) : round(11.1 * rate)]  # speech all through
+    muxed = tmp_path / "carphone_speech.mp4"
+    muxed.write_bytes(encode_mp4(frames, 30000 / 1001, speech, rate))
+    meta = _shard_one(muxed, tmp_path)["meta"]
+    scores, methods = meta["quality"]["scores"], meta["quality"]["methods"]
+    assert scores["speech_fraction"] > 0.6 and methods["speech"] == "silero_vad"
+    assert scores["face_fraction"] == 1.0  # a visible face, loud speech ...
+    assert methods["lip_sync"] == "proxy_mouth_opening"  # labelled: not Sync-C
+    assert scores["lip_sync"] < ShardConfig().thresholds.audio_strong_lip_sync  # ... no match
+    assert meta["quality"]["audio"] == "weak"
+
+
+@pytest.mark.slow
+def test_models_give_the_same_bytes_in_any_worker(sample, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("clip00_wave.mp4", "clip03_closeup.mp4"):
+        (corpus / name).write_bytes((sample.corpus / name).read_bytes())
+    nodes = ShardConfig().annotators
+    models = {**nodes, **{n: {**nodes[n], "backend": "mediapipe", "use_sidecar": False}
+                          for n in ("pose", "face")}}  # fmt: skip
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        run_shard(ShardConfig(input_dir=str(corpus), output_dir=str(out), workers=workers,
+                              annotators=models, max_samples_per_shard=1))  # fmt: skip
+        outputs.append({p.relative_to(out).as_posix(): p.read_bytes()
+                        for p in sorted(out.rglob("*")) if p.is_file()})  # fmt: skip
+    assert outputs[0] == outputs[1]
+    metas = [json.loads(m["json"]) for m in shard_members(tmp_path / "out1").values()]
+    assert all(m["quality"]["methods"]["pose"].startswith("mediapipe") for m in metas)
