@@ -35,13 +35,40 @@ def is_key_padding_mask(mask: torch.Tensor) -> bool:
     return mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
 
 
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
 def _flash_eligible(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
     return (
-        q.is_cuda
+        _on_cuda(q)
         and q.dtype in _FLASH_DTYPES
         and (mask is None or is_key_padding_mask(mask))
         and flash_available()
     )
+
+
+def select_backend(q: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto") -> str:
+    """The kernel ``attention`` runs: "flash" (dense flash-attn), "flash_varlen" (flash-attn
+    with the masked keys packed out, when samples' key lengths differ) or "sdpa".
+
+    flash-attn needs CUDA fp16/bf16 tensors and at most a key-padding mask; anything else
+    (CPU, fp32, a per-query mask such as frame-local attention) runs torch SDPA.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} not in {BACKENDS}")
+    if backend == "sdpa":
+        return "sdpa"
+    if not _flash_eligible(q, mask):
+        if backend == "flash":
+            raise RuntimeError(
+                "attention backend 'flash' needs flash-attn installed, CUDA fp16/bf16 tensors "
+                "and no mask or a (batch, 1, 1, keys) key-padding mask; use 'auto' or 'sdpa'"
+            )
+        return "sdpa"
+    if mask is None or bool(mask.all()):
+        return "flash"
+    return "flash_varlen"
 
 
 def attention(
@@ -52,17 +79,11 @@ def attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v; a query with no allowed key returns zeros."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} not in {BACKENDS}")
-    if backend == "flash" and not _flash_eligible(q, mask):
-        raise RuntimeError(
-            "attention backend 'flash' needs flash-attn installed, CUDA fp16/bf16 tensors and "
-            "no mask or a (batch, 1, 1, keys) key-padding mask; use 'auto' or 'sdpa'"
-        )
-    if backend != "sdpa" and _flash_eligible(q, mask):
-        if mask is None:
-            return flash_attention(q, k, v)
-        out = flash_attention_key_padding(q, k, v, mask)
+    kernel = select_backend(q, mask, backend)
+    if kernel == "flash":
+        return flash_attention(q, k, v)
+    if kernel == "flash_varlen":
+        out = flash_attention_key_padding(q, k, v, mask)  # type: ignore[arg-type]
         if out is not None:
             return out
     return sdpa_attention(q, k, v, mask)

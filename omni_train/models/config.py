@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class VAEConfig:
+    # Dotted path of another VAE's builder, called with this config (omni_train/models/adapters.py);
+    # "" = this project's CausalVAE.
+    _target_: str = ""
     # A safetensors file with this VAE's state dict; "" = random init (frozen either way).
     pretrained: str = ""
     in_channels: int = 3
@@ -31,6 +34,8 @@ class VAEConfig:
 
 @dataclass
 class TextEncoderConfig:
+    # Dotted path of another text encoder's builder, called with this config; "" = T5.
+    _target_: str = ""
     # A local directory usable by transformers' from_pretrained (T5EncoderModel + tokenizer);
     # "" = a T5 encoder from the sizes below with the byte-level (ByT5) tokenizer.
     pretrained: str = ""
@@ -39,11 +44,16 @@ class TextEncoderConfig:
     num_heads: int = 2
     d_kv: int = 16
     d_ff: int = 64
+    # "relu" (original T5) or "gated-gelu" (T5 v1.1, umT5, Flan-T5): the random-init encoder's
+    # feed-forward; a pretrained directory brings its own.
+    feed_forward_proj: str = "relu"
     max_length: int = 64
 
 
 @dataclass
 class AudioEncoderConfig:
+    # Dotted path of another audio encoder's builder, called with this config; "" = wav2vec2.
+    _target_: str = ""
     # A local directory usable by transformers' Wav2Vec2Model.from_pretrained; "" = random init
     # from the sizes below (same 320-sample stride, 50 features per second at 16 kHz).
     pretrained: str = ""
@@ -83,8 +93,12 @@ class DiTConfig:
     # Share of each head's dimension given to the (t, h, w) RoPE axes; must sum to head_dim.
     rope_axes: list[int] = field(default_factory=lambda: [4, 6, 6])
     rope_theta: float = 10_000.0
-    # Recompute each block in the backward pass (memory for compute).
+    # Recompute blocks in the backward pass instead of keeping their activations (memory for
+    # compute); each checkpointed block keeps only its inputs. Works under ZeRO-3.
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: checkpoint blocks 0, n, 2n, ... (1 = every block; 2 = half
+    # of them, less recompute for more memory).
+    checkpoint_every_n_blocks: int = 1
     # "auto" = flash-attn when importable on CUDA, else torch SDPA; "sdpa"; "flash".
     attention: str = "auto"
 

@@ -98,6 +98,7 @@ class OmniDenoiser(nn.Module):
             out_features=self.latent_channels * patch_area,
             attention_backend=dit.attention,
             gradient_checkpointing=dit.gradient_checkpointing,
+            checkpoint_every_n_blocks=dit.checkpoint_every_n_blocks,
         )
         # Modules that do not exist in a text-to-video MMDiT: a trainer may give them their own lr.
         self.new_module_prefixes: tuple[str, ...] = (

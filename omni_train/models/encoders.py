@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from omni_train.models.adapters import build_part
 from omni_train.models.audio_encoder import AudioEncoder
-from omni_train.models.config import ModelConfig
+from omni_train.models.config import ModelConfig, VAEConfig
 from omni_train.models.text_encoder import TextEncoder
 from omni_train.models.vae import CausalVAE
 from omni_train.models.weights import load_strict
@@ -15,7 +16,7 @@ from omni_train.models.weights import load_strict
 class FrozenEncoders(nn.Module):
     """Always in eval mode, never requiring grad; every method runs under ``torch.no_grad``."""
 
-    def __init__(self, vae: CausalVAE, text: TextEncoder, audio: AudioEncoder) -> None:
+    def __init__(self, vae: nn.Module, text: nn.Module, audio: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.text = text
@@ -48,12 +49,23 @@ class FrozenEncoders(nn.Module):
         return self.audio(waveform, num_frames)
 
 
+def _project_vae(cfg: VAEConfig) -> CausalVAE:
+    vae = CausalVAE(cfg)
+    if cfg.pretrained:
+        load_strict(vae, cfg.pretrained, "VAE")
+    return vae
+
+
 def build_frozen_encoders(cfg: ModelConfig) -> FrozenEncoders:
-    """Build the three frozen parts; each loads its weights when its ``pretrained`` is set."""
-    vae = CausalVAE(cfg.vae)
-    if cfg.vae.pretrained:
-        load_strict(vae, cfg.vae.pretrained, "VAE")
-    return FrozenEncoders(vae, TextEncoder(cfg.text_encoder), AudioEncoder(cfg.audio_encoder))
+    """Build the three frozen parts; each loads its weights when its ``pretrained`` is set.
+
+    A part whose config sets ``_target_`` is built by that adapter instead
+    (omni_train/models/adapters.py), which loads its own weights.
+    """
+    vae = build_part("vae", cfg.vae, _project_vae)
+    text = build_part("text_encoder", cfg.text_encoder, TextEncoder)
+    audio = build_part("audio_encoder", cfg.audio_encoder, AudioEncoder)
+    return FrozenEncoders(vae, text, audio)
 
 
 def frozen_is_random(cfg: ModelConfig) -> bool:

@@ -190,16 +190,28 @@ class MMDiT(nn.Module):
         out_features: int,
         attention_backend: str = "auto",
         gradient_checkpointing: bool = False,
+        checkpoint_every_n_blocks: int = 1,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"dit.hidden_size={hidden_size} must divide by num_heads={num_heads}")
+        if checkpoint_every_n_blocks < 1:
+            raise ValueError(
+                f"dit.checkpoint_every_n_blocks={checkpoint_every_n_blocks} must be >= 1"
+            )
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_every_n_blocks = checkpoint_every_n_blocks
         self.blocks = nn.ModuleList(
             MMDiTBlock(hidden_size, num_heads, mlp_ratio, i < depth - 1, attention_backend)
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, out_features)
+
+    def checkpointed_blocks(self) -> list[int]:
+        """Indices of the blocks recomputed in the backward pass."""
+        if not self.gradient_checkpointing:
+            return []
+        return list(range(0, len(self.blocks), self.checkpoint_every_n_blocks))
 
     def forward(
         self,
@@ -212,9 +224,10 @@ class MMDiT(nn.Module):
         audio_tokens: torch.Tensor,
         num_frame_tokens: int,
     ) -> torch.Tensor:
-        for block in self.blocks:
+        checkpointed = set(self.checkpointed_blocks()) if torch.is_grad_enabled() else set()
+        for index, block in enumerate(self.blocks):
             args = (text, video, cond, key_mask, rope_cos, rope_sin, audio_tokens, num_frame_tokens)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if index in checkpointed:
                 text, video = checkpoint(block, *args, use_reentrant=False)
             else:
                 text, video = block(*args)

@@ -18,6 +18,7 @@ def random_t5_encoder(cfg: TextEncoderConfig) -> T5EncoderModel:
         d_model=cfg.d_model,
         d_kv=cfg.d_kv,
         d_ff=cfg.d_ff,
+        feed_forward_proj=cfg.feed_forward_proj,
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,
         dropout_rate=0.0,

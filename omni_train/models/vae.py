@@ -7,6 +7,7 @@ is what lets long clips be encoded chunk by chunk with a cache of each convoluti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import pairwise
 
 import torch
@@ -105,7 +106,8 @@ class CausalConv3d(nn.Module):
         padded = torch.cat([past, x], dim=2)
         if cache is not None:
             keep = self.time_kernel - self.time_stride
-            cache[id(self)] = padded[:, :, padded.shape[2] - keep :].detach()
+            # A copy: a view would keep the whole padded chunk alive until the next chunk.
+            cache[id(self)] = padded[:, :, padded.shape[2] - keep :].detach().clone()
         return self.conv(padded)
 
 
@@ -136,18 +138,28 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Doubles height and width, and optionally time (the first frame stays a single frame)."""
+    """Doubles height and width, and optionally time (the clip's first frame stays single).
+
+    With a cache, only the first chunk holds the clip's first frame; the cache remembers
+    that this layer has started.
+    """
 
     def __init__(self, channels: int, double_time: bool) -> None:
         super().__init__()
         self.double_time = double_time
         self.conv = CausalConv3d(channels, channels)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
         if self.double_time:
-            x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+            started = cache is not None and id(self) in cache
+            if started:
+                x = x.repeat_interleave(2, dim=2)
+            else:
+                x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+            if cache is not None:
+                cache[id(self)] = x.new_empty(0)
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return self.conv(x)
+        return self.conv(x, cache)
 
 
 def level_channels(cfg: VAEConfig) -> list[int]:
@@ -196,11 +208,11 @@ class Decoder(nn.Module):
         self.norm_out = FrameGroupNorm(norm_groups(current), current)
         self.conv_out = CausalConv3d(current, cfg.in_channels)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: Tensor, cache: ConvCache | None = None) -> Tensor:
+        h = self.mid(self.conv_in(z, cache), cache)
         for block in self.blocks:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = block(h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
 
 
 def check_vae_config(cfg: VAEConfig) -> None:
@@ -249,20 +261,51 @@ class CausalVAE(nn.Module):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents (B, C, L, h, w) -> video (B, 3, 1 + 4(L-1), 8h, 8w), not clamped."""
+        return torch.cat(list(self.decode_chunks(latents)), dim=2)
+
+    def decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
+        """Decode in temporal chunks of ``chunk_frames`` pixel frames, yielding each as it is
+        done: a caller that writes them out holds one chunk and the cache, whatever the length.
+        The concatenated pieces equal the whole-clip decode."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.latent_channels:
             raise ValueError(
                 f"expected latents (B, {self.cfg.latent_channels}, L, h, w), "
                 f"got {tuple(latents.shape)}"
             )
         z = latents / self.cfg.scaling_factor + self.cfg.shift_factor
-        return self.decoder(z)
+        chunk = self.cfg.chunk_frames
+        if chunk <= 0:
+            yield self.decoder(z)
+            return
+        # Latent chunks mirror the encoder's pixel chunks: 1 + k latents first, then k each.
+        per_chunk = (chunk - 1) // TEMPORAL_FACTOR
+        cache: ConvCache = {}
+        for a, b in pairwise(chunk_bounds(z.shape[2], per_chunk + 1, per_chunk)):
+            yield self.decoder(z[:, :, a:b], cache)
+
+    def encode_chunks(self, video: Tensor) -> Iterator[Tensor]:
+        """Scaled latents of ``video`` chunk by chunk (``chunk_frames`` pixel frames each)."""
+        check_video_shape(video, self.cfg.in_channels)
+        for moments in self._moment_chunks(video):
+            mean, _ = moments.chunk(2, dim=1)
+            yield (mean - self.cfg.shift_factor) * self.cfg.scaling_factor
 
     def _encode_moments(self, video: Tensor) -> Tensor:
+        return torch.cat(list(self._moment_chunks(video)), dim=2)
+
+    def _moment_chunks(self, video: Tensor) -> Iterator[Tensor]:
         chunk = self.cfg.chunk_frames
-        if chunk <= 0 or video.shape[2] <= chunk:
-            return self.encoder(video)
+        if chunk <= 0:
+            yield self.encoder(video)
+            return
         # First chunk 1 + 4k frames, later ones 4k: chunk boundaries fall on latent boundaries.
         cache: ConvCache = {}
-        bounds = [0, *range(chunk, video.shape[2], chunk - 1), video.shape[2]]
-        pieces = [self.encoder(video[:, :, a:b], cache) for a, b in pairwise(bounds)]
-        return torch.cat(pieces, dim=2)
+        for a, b in pairwise(chunk_bounds(video.shape[2], chunk, chunk - 1)):
+            yield self.encoder(video[:, :, a:b], cache)
+
+
+def chunk_bounds(length: int, first: int, rest: int) -> list[int]:
+    """[0, first, first + rest, ..., length]: a first chunk, then equal ones, the last shorter."""
+    if length <= first:
+        return [0, length]
+    return [0, *range(first, length, rest), length]

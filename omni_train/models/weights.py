@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -110,3 +111,40 @@ def load_strict(
         )
     module.load_state_dict(state, strict=True)
     return module
+
+
+INFERENCE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def export_for_inference(
+    weights: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    dtype: str = "bfloat16",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a module's (or state dict's) weights as one safetensors file for inference.
+
+    Floating-point tensors are cast to ``dtype`` (integer buffers are kept); ``metadata`` (e.g.
+    the run's resolved model config as YAML) goes into the file header. ``load_strict`` loads
+    the file back into a freshly built module of any dtype.
+    """
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"export dtype={dtype!r} not in {sorted(INFERENCE_DTYPES)}")
+    state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
+    target_dtype = INFERENCE_DTYPES[dtype]
+    cast = {name: t.to(target_dtype) if t.is_floating_point() else t for name, t in state.items()}
+    header = {"format": "pt", "dtype": dtype, **(dict(metadata) if metadata else {})}
+    save_safetensors(cast, path, metadata=header)
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from omni_train.models.attention import attention, flash_attention_key_padding
+from omni_train.models.attention import (
+    attention,
+    flash_attention_key_padding,
+    sdpa_attention,
+    select_backend,
+)
 
 
 def reference_attention(q, k, v, mask=None):
@@ -106,3 +111,115 @@ def test_varlen_declines_a_sample_without_keys():
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     mask[1] = False
     assert flash_attention_key_padding(q, k, v, mask, varlen_func=fake_varlen) is None
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """flash-attn 'installed' and tensors 'on CUDA': the selection logic runs on CPU."""
+    from omni_train.models import attention as module
+
+    calls = []
+
+    def dense(q, k, v):  # (batch, tokens, heads, dim) like flash_attn_func
+        calls.append("flash")
+        out = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    def varlen(*args):
+        calls.append("flash_varlen")
+        return fake_varlen(*args)
+
+    monkeypatch.setattr(module, "_flash_functions", lambda: (dense, varlen))
+    monkeypatch.setattr(module, "_on_cuda", lambda q: True)
+    return calls
+
+
+def half_qkv():
+    return [t.detach().to(torch.bfloat16) for t in qkv()]
+
+
+def test_backend_selection_without_flash_attn_is_sdpa():
+    q, _, _ = qkv()
+    assert select_backend(q) == "sdpa"
+    assert select_backend(q.to(torch.bfloat16), backend="auto") == "sdpa"  # CPU
+
+
+def test_backend_selection_with_flash_attn(fake_flash):
+    q, k, v = half_qkv()
+    padding = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    assert select_backend(q) == "flash"
+    assert select_backend(q, padding) == "flash"  # every key allowed: no packing needed
+    padding[1, ..., 5:] = False
+    assert select_backend(q, padding) == "flash_varlen"  # key lengths differ: pack them
+    per_query = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    assert select_backend(q, per_query) == "sdpa"  # flash-attn cannot take a per-query mask
+    assert select_backend(q.float()) == "sdpa"  # flash-attn has no fp32 kernel
+    assert select_backend(q, backend="sdpa") == "sdpa"
+    with pytest.raises(RuntimeError, match="flash"):
+        select_backend(q, per_query, backend="flash")
+    attention(q, k, v)
+    attention(q, k, v, padding)
+    attention(q, k, v, per_query)
+    assert fake_flash == ["flash", "flash_varlen"]
+
+
+def test_varlen_path_matches_sdpa_on_padded_keys(fake_flash):
+    q, k, v = qkv()
+    padding = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    padding[0, ..., 4:] = False
+    from omni_train.models import attention as module
+
+    packed = module.flash_attention_key_padding(q, k, v, padding, varlen_func=fake_varlen)
+    torch.testing.assert_close(packed, sdpa_attention(q, k, v, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_joint_attention_mask_with_text_padding_and_reference_tokens():
+    """The block's mask: [text (padded) | frame tokens | reference tokens] as keys."""
+    text_len, frame_tokens, ref_tokens = 4, 6, 3
+    keys = text_len + frame_tokens + ref_tokens
+    q, k, v = qkv(nq=keys, nk=keys)
+    text_keys = torch.tensor([[True] * 4, [True, True, False, False]])
+    key_mask = torch.cat([text_keys, torch.ones(2, frame_tokens + ref_tokens, dtype=torch.bool)], 1)
+    out = compare_forward_backward_with(q, k, v, key_mask[:, None, None, :])
+    # The padded text keys really are ignored: changing them changes nothing.
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[1, :, 2:4] += 5.0
+    v2[1, :, 2:4] += 5.0
+    torch.testing.assert_close(sdpa_attention(q, k2, v2, key_mask[:, None, None, :]), out)
+
+
+def compare_forward_backward_with(q, k, v, mask):
+    out = sdpa_attention(q, k, v, mask)
+    ref = reference_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return out.detach()
+
+
+def test_frame_local_audio_attention_equals_block_diagonal_masked_attention():
+    """Folding frames into the batch is the same as full attention over all frames' audio
+    tokens with a mask that lets frame j's video tokens see frame j's audio tokens only."""
+    from omni_train.models.mmdit import FrameAudioCrossAttention, _split_heads
+
+    torch.manual_seed(0)
+    batch, frames, per_frame, slots, hidden, heads = 2, 3, 4, 5, 16, 2
+    module = FrameAudioCrossAttention(hidden, heads, backend="sdpa")
+    torch.nn.init.normal_(module.out.weight)
+    video = torch.randn(batch, frames * per_frame, hidden)
+    audio = torch.randn(batch, frames, slots, hidden)
+    folded = module(video, audio)
+
+    q = module.q_norm(_split_heads(module.q(module.norm(video)), heads))
+    k, v = _split_heads(module.kv(audio.reshape(batch, frames * slots, hidden)), heads).chunk(2, -1)
+    query_frame = torch.arange(frames).repeat_interleave(per_frame)
+    key_frame = torch.arange(frames).repeat_interleave(slots)
+    mask = (query_frame[:, None] == key_frame[None, :])[None, None]
+    full = reference_attention(q, module.k_norm(k), v, mask)
+    expected = module.out(full.transpose(1, 2).flatten(-2))
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sdpa_attention(q, module.k_norm(k), v, mask), full, rtol=1e-5, atol=1e-5
+    )

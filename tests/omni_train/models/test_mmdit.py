@@ -274,3 +274,88 @@ def test_invalid_rope_axes_are_reported():
     cfg.dit.rope_axes = [4, 4, 4]
     with pytest.raises(ValueError, match="rope_axes"):
         build_denoiser(cfg)
+
+
+def backbone_arguments(model, inputs, **changes):
+    """The tensors the denoiser hands its block stack in one forward pass."""
+    seen = {}
+
+    def grab(_module, args, kwargs):
+        names = ("text", "video", "cond", "key_mask", "rope_cos", "rope_sin", "audio_tokens")
+        seen.update(zip(names, args, strict=False), **kwargs)
+
+    hook = model.backbone.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run(model, inputs, **changes)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_reference_tokens_get_zero_temporal_rope_in_the_forward_pass(model):
+    seen = backbone_arguments(model, make_inputs())
+    grid = (LATENT // 2) ** 2
+    time_pairs = model.rope_axes[0] // 2
+    cos, sin = seen["rope_cos"], seen["rope_sin"]
+    assert cos.shape[0] == (FRAMES + 1) * grid  # frame tokens, then ONE frame of reference
+    ref_cos, ref_sin = cos[FRAMES * grid :], sin[FRAMES * grid :]
+    assert torch.equal(ref_cos[:, :time_pairs], torch.ones_like(ref_cos[:, :time_pairs]))
+    assert torch.equal(ref_sin[:, :time_pairs], torch.zeros_like(ref_sin[:, :time_pairs]))
+    # The reference keeps its spatial RoPE, the same as frame 0's (h, w) grid ...
+    torch.testing.assert_close(ref_cos, cos[:grid])
+    # ... while later video frames keep their temporal RoPE.
+    assert not torch.allclose(cos[2 * grid : 3 * grid, :time_pairs], ref_cos[:, :time_pairs])
+
+
+def test_reference_is_packed_once_not_copied_per_frame_or_block(model):
+    seen = backbone_arguments(model, make_inputs())
+    grid = (LATENT // 2) ** 2
+    assert seen["video"].shape[1] == FRAMES * grid + grid
+    assert seen["num_frame_tokens"] == FRAMES * grid
+    # Audio tokens are per latent frame: (B, L, 4 + 2 window, hidden), aligned to the latents.
+    assert seen["audio_tokens"].shape[:3] == (BATCH, FRAMES, 4 + 2 * 2)
+
+
+def test_motion_frames_condition_the_generated_frames(model):
+    inputs = make_inputs()
+    motion = 2
+    changed = inputs["noisy"].clone()
+    changed[:, :, :motion] = torch.randn_like(changed[:, :, :motion])
+    before = run(model, inputs, num_motion_latents=motion)
+    after = run(model, inputs, noisy=changed, num_motion_latents=motion)
+    moved = per_frame_change(after, before)
+    assert all(m > 1e-5 for m in moved[motion:])  # every generated frame sees the motion frames
+
+
+@pytest.mark.parametrize(
+    ("condition", "null"),
+    [("text", "null_text"), ("ref", "null_reference"), ("audio", "null_audio")],
+)
+def test_switched_off_condition_is_its_learned_null_not_dropped(condition, null):
+    model, _ = make_model()
+    inputs = make_inputs()
+    off = with_flag(inputs, condition, False)
+    before_off, before_on = run(model, inputs, active=off), run(model, inputs)
+    with torch.no_grad():
+        getattr(model, null).add_(torch.randn_like(getattr(model, null)))
+    # The null stands in for the condition: it matters when the condition is off ...
+    assert (run(model, inputs, active=off) - before_off).abs().max() > 1e-5
+    # ... and only then.
+    torch.testing.assert_close(run(model, inputs), before_on)
+
+
+def test_checkpoint_every_n_blocks_recomputes_only_those_blocks():
+    model, _ = make_model(depth=4, gradient_checkpointing=True, checkpoint_every_n_blocks=2)
+    assert model.backbone.checkpointed_blocks() == [0, 2]
+    model_all, _ = make_model(depth=4, gradient_checkpointing=True)
+    assert model_all.backbone.checkpointed_blocks() == [0, 1, 2, 3]
+    model_none, _ = make_model(depth=4)
+    assert model_none.backbone.checkpointed_blocks() == []
+    inputs = make_inputs()
+    grads = []
+    for candidate in (model_none, model):
+        candidate.train()
+        candidate(**inputs).square().mean().backward()
+        grads.append({n: p.grad for n, p in candidate.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

@@ -100,3 +100,72 @@ def test_chunked_encoding_matches_whole_clip(vae, chunk_frames):
 def test_bad_chunk_size_is_rejected():
     with pytest.raises(ValueError, match="chunk_frames"):
         CausalVAE(VAEConfig(chunk_frames=8))
+
+
+def chunked_copy(vae: CausalVAE, chunk_frames: int) -> CausalVAE:
+    chunked = CausalVAE(dataclasses.replace(vae.cfg, chunk_frames=chunk_frames)).eval()
+    chunked.load_state_dict(vae.state_dict())
+    return chunked
+
+
+@pytest.mark.parametrize("chunk_frames", [5, 9, 13])
+def test_chunked_decoding_matches_whole_clip(vae, chunk_frames):
+    chunked = chunked_copy(vae, chunk_frames)
+    latents = torch.randn(2, 4, 8, 4, 4)  # 29 pixel frames: the last chunk is shorter
+    with torch.no_grad():
+        whole, pieces = vae.decode(latents), chunked.decode(latents)
+    assert pieces.shape == whole.shape == (2, 3, 29, 32, 32)
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
+
+
+def test_chunks_are_yielded_one_at_a_time_with_chunk_sized_pieces(vae):
+    chunked = chunked_copy(vae, 9)
+    with torch.no_grad():
+        latent_pieces = list(chunked.encode_chunks(clip(25)))
+        pixel_pieces = list(chunked.decode_chunks(torch.cat(latent_pieces, dim=2)))
+    assert [p.shape[2] for p in latent_pieces] == [3, 2, 2]  # 9, 8, 8 pixel frames
+    assert [p.shape[2] for p in pixel_pieces] == [9, 8, 8]
+
+
+def cache_bytes_per_chunk(vae: CausalVAE, frames: int) -> list[int]:
+    """Bytes held in the convolution caches after each chunk of a chunked encode + decode."""
+    sizes = []
+    original = vae.encoder.forward
+
+    def recording(x, cache=None):
+        out = original(x, cache)
+        sizes.append(sum(t.numel() * t.element_size() for t in cache.values()))
+        return out
+
+    vae.encoder.forward = recording
+    try:
+        with torch.no_grad():
+            for _ in vae.encode_chunks(clip(frames)):
+                pass
+    finally:
+        del vae.encoder.forward
+    return sizes
+
+
+def test_memory_carried_between_chunks_does_not_grow_with_length(vae):
+    chunked = chunked_copy(vae, 9)
+    short, long = cache_bytes_per_chunk(chunked, 17), cache_bytes_per_chunk(chunked, 49)
+    assert len(long) == 6 and len(short) == 2
+    assert len(set(long[1:])) == 1 and long[1] == short[1]  # constant after the first chunk
+    # Decoding keeps the same kind of cache: its size after each chunk is constant too.
+    latents = torch.randn(1, 4, 13, 4, 4)
+    seen = []
+    original = chunked.decoder.forward
+
+    def recording(z, cache=None):
+        out = original(z, cache)
+        seen.append(sum(t.numel() * t.element_size() for t in cache.values()))
+        return out
+
+    chunked.decoder.forward = recording
+    try:
+        with torch.no_grad():
+            list(chunked.decode_chunks(latents))
+    finally:
+        del chunked.decoder.forward
+    assert len(seen) == 6 and len(set(seen)) == 1

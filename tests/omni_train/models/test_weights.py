@@ -84,3 +84,27 @@ def test_mismatch_listing_is_capped_with_count():
 def test_mismatch_is_a_value_error():
     with pytest.raises(ValueError, match="in-memory"):
         load_strict(small_net(), {"nope": torch.zeros(1)}, "net")
+
+
+def test_export_for_inference_casts_and_reloads_strictly(tmp_path):
+    from omni_train.models.config import ModelConfig
+    from omni_train.models.denoiser import build_denoiser
+    from omni_train.models.weights import export_for_inference, read_metadata
+
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig())
+    path = export_for_inference(model, tmp_path / "denoiser.safetensors", "bfloat16", {"a": "b"})
+    stored = load_state_dict_file(path)
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert read_metadata(path) == {"format": "pt", "dtype": "bfloat16", "a": "b"}
+    fresh = build_denoiser(ModelConfig())
+    load_strict(fresh, path, "denoiser")
+    for name, param in fresh.state_dict().items():
+        assert param.dtype == torch.float32
+        torch.testing.assert_close(param, model.state_dict()[name], rtol=1e-2, atol=1e-2)
+    full = export_for_inference(model, tmp_path / "full.safetensors", "float32")
+    load_strict(fresh, full, "denoiser")
+    for name, param in fresh.state_dict().items():
+        assert torch.equal(param, model.state_dict()[name])
+    with pytest.raises(ValueError, match="dtype"):
+        export_for_inference(model, tmp_path / "x.safetensors", "int8")
