@@ -5,6 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WORKER_START_METHODS: tuple[str, ...] = ("", "fork", "spawn", "forkserver")
+SPLIT_MODES: tuple[str, ...] = ("auto", "shard", "sample")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mix: its shards and its default share of the samples."""
+
+    name: str = "main"
+    shards: str = ""
+    # Relative sampling weight; curriculum.stages.N.source_weights.NAME overrides it per stage.
+    weight: float = 1.0
+
+
+@dataclass
+class BucketConfig:
+    """One (resolution x length) bucket: every batch holds samples of a single bucket."""
+
+    resolution: list[int] = field(default_factory=lambda: [64, 64])
+    num_frames: int = 17
+    batch_size: int = 2
 
 
 @dataclass
@@ -29,10 +49,26 @@ class DataConfig:
     pose_sigma: float = 2.0
     # Start method of worker processes: "" is the platform default.
     worker_start_method: str = ""
+    # How shards are shared among the data consumers (ranks x workers): "shard" gives each
+    # consumer whole shards (needs at least one shard per consumer), "sample" deals out every
+    # n-th sample of all shards (works with any shard count; every consumer reads all tar
+    # headers), "auto" picks "shard" when there are enough shards, else "sample".
+    split: str = "auto"
+    # Several sources mixed by weight (empty: the single source data.shards). Each sample
+    # comes from a source drawn by weight; the draws are seeded, so a resume is exact.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Resolution x length buckets (empty: the single bucket resolution / num_frames /
+    # batch_size). A clip goes to the bucket whose aspect ratio is nearest its own among
+    # those whose window fits in it (the longest on a tie); a batch never mixes buckets.
+    buckets: list[BucketConfig] = field(default_factory=list)
+    # Read precomputed VAE latents (latents.npy, ref_latents.npy, optional audio.npy /
+    # audio_features.npy) instead of decoding mp4; batches then carry latents and
+    # ref_latents in place of video and ref. See omni_train/data/latents.py.
+    precomputed: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the fix when a value cannot work."""
-        if not self.shards.strip():
+        if not self.shards.strip() and not self.sources:
             raise ValueError("data.shards is empty: pass data.shards='DIR/shards/*.tar'")
         if len(self.resolution) != 2 or min(self.resolution) < 1:
             raise ValueError(
@@ -57,6 +93,33 @@ class DataConfig:
             raise ValueError(f"data.audio_sample_rate={self.audio_sample_rate} must be positive")
         if self.pose_sigma <= 0:
             raise ValueError(f"data.pose_sigma={self.pose_sigma} must be positive")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources names {names} must be unique")
+        for i, source in enumerate(self.sources):
+            if not source.shards.strip():
+                raise ValueError(f"data.sources.{i}.shards is empty: give its shard glob")
+            if source.weight < 0:
+                raise ValueError(f"data.sources.{i}.weight={source.weight} must be 0 or more")
+        if self.sources and not any(source.weight > 0 for source in self.sources):
+            raise ValueError("data.sources: at least one weight must be positive")
+        for i, bucket in enumerate(self.buckets):
+            if len(bucket.resolution) != 2 or min(bucket.resolution) < 1:
+                raise ValueError(f"data.buckets.{i}.resolution={list(bucket.resolution)}")
+            if bucket.num_frames < 1 or (bucket.num_frames - 1) % 4:
+                raise ValueError(
+                    f"data.buckets.{i}.num_frames={bucket.num_frames}: the causal VAE needs "
+                    "1 + 4k frames"
+                )
+            if bucket.batch_size < 1:
+                raise ValueError(f"data.buckets.{i}.batch_size must be at least 1")
+        if self.precomputed and self.buckets:
+            raise ValueError(
+                "data.precomputed=true with data.buckets: precomputed windows keep the size "
+                "they were encoded at; drop data.buckets (encode each bucket to its own source)"
+            )
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"data.split={self.split!r}: use one of {SPLIT_MODES}")
         if self.worker_start_method not in WORKER_START_METHODS:
             raise ValueError(
                 f"data.worker_start_method={self.worker_start_method!r}: use one of "
@@ -67,3 +130,17 @@ class DataConfig:
     def audio_samples(self) -> int:
         """Waveform samples covering one window of ``num_frames`` frames at ``fps``."""
         return round(self.num_frames / self.fps * self.audio_sample_rate)
+
+    def source_list(self) -> list[SourceConfig]:
+        """The configured sources, or the single source made of data.shards."""
+        return list(self.sources) or [SourceConfig("main", self.shards, 1.0)]
+
+    def bucket_list(self) -> list[BucketConfig]:
+        """The configured buckets, or the single one of resolution / num_frames / batch_size."""
+        single = BucketConfig(list(self.resolution), self.num_frames, self.batch_size)
+        return list(self.buckets) or [single]
+
+    @property
+    def mixed(self) -> bool:
+        """True when batches come from several sources or buckets."""
+        return bool(self.sources) or bool(self.buckets)

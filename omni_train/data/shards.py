@@ -21,8 +21,17 @@ from omni_train.data.decode import CorruptSample
 
 log = logging.getLogger(__name__)
 
-# The only members ever read.
+# The only members ever read: raw mode reads mp4 + json, precomputed mode json + the arrays
+# (numpy .npy, loaded with allow_pickle=False). Anything else in a shard is ignored.
 MEMBERS: tuple[str, ...] = ("mp4", "json")
+LATENT_MEMBERS: tuple[str, ...] = (
+    "json",
+    "latents.npy",
+    "ref_latents.npy",
+    "audio.npy",
+    "audio_features.npy",
+)
+INDEXED: tuple[str, ...] = tuple(dict.fromkeys(MEMBERS + LATENT_MEMBERS))
 # WebDataset's key convention: everything before the first dot of the file name.
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -92,7 +101,7 @@ def index_shard(path: str) -> list[SampleRef]:
                     if key is not None:
                         refs.append(_ref(key, path, members))
                     key, members = member_key, {}
-                if ext in MEMBERS and ext not in members:
+                if ext in INDEXED and ext not in members:
                     members[ext] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError) as err:
         log.warning("shard %s is unreadable after %d samples: %s", path, len(refs), err)
@@ -103,15 +112,17 @@ def index_shard(path: str) -> list[SampleRef]:
 
 
 def _ref(key: str, path: str, members: dict[str, tuple[int, int]]) -> SampleRef:
-    return SampleRef(key, path, tuple((ext, *members[ext]) for ext in MEMBERS if ext in members))
+    return SampleRef(key, path, tuple((ext, *members[ext]) for ext in INDEXED if ext in members))
 
 
-def read_sample(ref: SampleRef) -> dict[str, object]:
-    """{"__key__": key, "mp4": bytes, "json": bytes} for the members the sample has."""
+def read_sample(ref: SampleRef, wanted: tuple[str, ...] = MEMBERS) -> dict[str, object]:
+    """{"__key__": key, ext: bytes, ...} for the ``wanted`` members the sample has."""
     sample: dict[str, object] = {"__key__": ref.key}
     try:
         with open(ref.shard, "rb") as handle:
             for ext, offset, size in ref.members:
+                if ext not in wanted:
+                    continue
                 handle.seek(offset)
                 payload = handle.read(size)
                 if len(payload) != size:

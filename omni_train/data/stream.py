@@ -1,11 +1,13 @@
 """Deterministic, exactly-resumable streaming of decoded batches from tar shards.
 
-Each data consumer (one per rank and DataLoader worker) owns a fixed slice of the shards and
-reads an infinite stream that is a pure function of (shards, seed, consumer index): epoch by
-epoch, its shards in a seeded order, through a seeded shuffle buffer, then decoded with a
-generator seeded by (seed, epoch, key). A consumer's position is therefore one number: how
-many raw samples it has taken (decoded plus skipped as corrupt). Resuming replays the shuffle
-over tar headers only, so no payload is read and no mp4 is decoded while fast-forwarding.
+Each data consumer (one per rank and DataLoader worker) reads an infinite stream that is a
+pure function of (shards, seed, consumer index, layout), see omni_train.data.plan: epoch by
+epoch, its shards (or its every n-th sample, with data.split=sample) in a seeded order,
+through a seeded shuffle buffer, then decoded with a generator seeded by (seed, epoch, key).
+A consumer's position is therefore one number: how many raw samples it has taken (decoded
+plus skipped as corrupt). Resuming replays the shuffle over tar headers only, so no payload
+is read and no mp4 is decoded while fast-forwarding. With several sources or buckets the
+consumer's batches come from omni_train.data.mix instead, whose position says a little more.
 
 Workers produce whole batches and the DataLoader hands them out in round robin, so batch b of
 a rank comes from worker b % num_workers; each batch carries its worker's position, and the
@@ -17,18 +19,24 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from omni_train.curriculum.config import CurriculumConfig
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
-from omni_train.data.shards import SampleRef, index_shard, read_sample, shard_list
+from omni_train.data.latents import decode_latent_sample
+from omni_train.data.mix import MixedBatches, SourceSchedule
+from omni_train.data.plan import TAIL_EPOCH, ConsumerPlan, consumer_shards, resolve_split
+from omni_train.data.shards import LATENT_MEMBERS, index_shard, read_sample, shard_list
 
 log = logging.getLogger(__name__)
+
+TENSORS = ("video", "ref", "latents", "ref_latents", "audio", "audio_features", "keypoints")
 
 STATE_VERSION = 1
 
@@ -49,10 +57,27 @@ class ConsumerPosition:
 
     yielded: int = 0
     corrupt: int = 0
+    # Only with several sources or buckets (omni_train.data.mix): draws made, batches
+    # emitted, raw samples taken per source, and taken samples still waiting in a bucket.
+    picks: int = 0
+    batches: int = 0
+    sources: list[int] = field(default_factory=list)
+    pending: list[list[int]] = field(default_factory=list)
 
     @property
     def raw(self) -> int:
         return self.yielded + self.corrupt
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> ConsumerPosition:
+        return cls(
+            yielded=int(state["yielded"]),
+            corrupt=int(state["corrupt"]),
+            picks=int(state.get("picks", 0)),
+            batches=int(state.get("batches", 0)),
+            sources=[int(n) for n in state.get("sources", [])],
+            pending=[[int(s), int(i)] for s, i in state.get("pending", [])],
+        )
 
 
 @dataclass
@@ -66,10 +91,15 @@ class LoaderState:
     num_shards: int
     batches: int = 0
     workers: list[ConsumerPosition] = field(default_factory=list)
+    # Set when this layout took over from one with another world size or worker count
+    # (see omni_train.data.plan); None for a layout that never changed.
+    handover: dict[str, Any] | None = None
+    # Corrupt samples counted by the layout before a handover (kept on rank 0).
+    corrupt_before: int = 0
 
     @property
     def corrupt_skipped(self) -> int:
-        return sum(position.corrupt for position in self.workers)
+        return self.corrupt_before + sum(position.corrupt for position in self.workers)
 
     def to_dict(self) -> dict[str, Any]:
         state = asdict(self)
@@ -90,9 +120,9 @@ class LoaderState:
             num_workers=int(state["num_workers"]),
             num_shards=int(state["num_shards"]),
             batches=int(state["batches"]),
-            workers=[
-                ConsumerPosition(int(w["yielded"]), int(w["corrupt"])) for w in state["workers"]
-            ],
+            workers=[ConsumerPosition.from_dict(w) for w in state["workers"]],
+            handover=state.get("handover"),
+            corrupt_before=int(state.get("corrupt_before", 0)),
         )
 
     def check_matches(self, expected: LoaderState) -> None:
@@ -119,32 +149,8 @@ class LoaderState:
 
 
 # ----------------------------------------------------------------------------- one consumer
-def consumer_shards(shards: Sequence[str], consumer: int, num_consumers: int) -> list[str]:
-    return list(shards[consumer::num_consumers])
-
-
-def _seed_words(seed: int) -> int:
-    # numpy seeds must be non-negative; a negative seed maps to its 64-bit two's complement.
-    return seed & 0xFFFF_FFFF_FFFF_FFFF
-
-
 def _key_words(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
-
-
-def shuffled(items: Iterator[SampleRef], buffer_size: int, rng: np.random.Generator):
-    """WebDataset-style shuffle buffer: emit a random buffered item once the buffer is full."""
-    buffer: list[SampleRef] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= buffer_size:
-            pick = int(rng.integers(len(buffer)))
-            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-            yield buffer.pop()
-    while buffer:
-        pick = int(rng.integers(len(buffer)))
-        buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-        yield buffer.pop()
 
 
 class ConsumerStream:
@@ -157,70 +163,65 @@ class ConsumerStream:
         seed: int,
         consumer: int,
         position: ConsumerPosition,
+        num_consumers: int | None = None,
+        handover: dict[str, Any] | None = None,
     ) -> None:
-        self.shards = list(shards)
+        # Without num_consumers, ``shards`` are this consumer's own (the original signature).
+        if num_consumers is None:
+            shards, consumer, num_consumers = list(shards), 0, 1
         self.cfg = cfg
-        self.seed = _seed_words(seed)
-        self.consumer = consumer
+        split = resolve_split(cfg.split, len(shards), num_consumers)
+        self.plan = ConsumerPlan(
+            shards, seed, cfg.shuffle_buffer, consumer, num_consumers, handover, split=split
+        )
+        self.shards = self.plan.shards
         self.position = ConsumerPosition(position.yielded, position.corrupt)
-        self._index: dict[str, list[SampleRef]] = {}
-
-    def _refs(self, shard: str) -> list[SampleRef]:
-        if shard not in self._index:
-            self._index[shard] = index_shard(shard)
-        return self._index[shard]
-
-    def epoch_refs(self, epoch: int) -> Iterator[SampleRef]:
-        """The raw samples of one epoch, in this consumer's shuffled order."""
-        order = np.random.default_rng([self.seed, epoch, self.consumer, 0])
-        buffer_rng = np.random.default_rng([self.seed, epoch, self.consumer, 1])
-        shard_order = order.permutation(len(self.shards))
-        refs = (ref for i in shard_order for ref in self._refs(self.shards[i]))
-        return shuffled(refs, self.cfg.shuffle_buffer, buffer_rng)
 
     def __iter__(self) -> Iterator[dict]:
-        epoch_size = sum(len(self._refs(shard)) for shard in self.shards)
-        if epoch_size == 0:
+        if self.plan.epoch_size == 0:
             raise ValueError(f"shards {self.shards} hold no samples: re-run data_pipelines.shard")
-        # Whole epochs are skipped by count; only the partial one replays its shuffle.
-        epoch, skip = divmod(self.position.raw, epoch_size)
-        while True:
-            refs = self.epoch_refs(epoch)
-            for _ in range(skip):
-                next(refs)
-            decoded, last_error = 0, ""
-            for ref in refs:
-                rng = np.random.default_rng([self.seed, epoch, _key_words(ref.key)])
-                try:
+        own = self.position.raw - len(self.plan.tail)
+        fresh = own >= 0 and own % self.plan.epoch_size == 0  # at the start of an own epoch
+        decoded, last_error = 0, ""
+        for epoch, ref, epoch_done in self.plan.refs_from(self.position.raw):
+            rng = np.random.default_rng(self.plan.decode_seeds(epoch, _key_words(ref.key)))
+            try:
+                if self.cfg.precomputed:
+                    raw = read_sample(ref, LATENT_MEMBERS)
+                    sample = decode_latent_sample(raw, self.cfg, rng)
+                else:
                     sample = decode_sample(read_sample(ref), self.cfg, rng)
-                except CorruptSample as err:
-                    self.position.corrupt += 1
-                    last_error = str(err)
-                    log.warning("skipping %s (in %s)", err, ref.shard)
-                    continue
+            except CorruptSample as err:
+                self.position.corrupt += 1
+                last_error = str(err)
+                log.warning("skipping %s (in %s)", err, ref.shard)
+                sample = None
+            if sample is not None:
                 self.position.yielded += 1
                 decoded += 1
                 yield sample
-            if skip == 0 and decoded == 0:
-                raise RuntimeError(
-                    f"no sample of shards {self.shards} decodes (last error: {last_error}); "
-                    "check them with data_pipelines"
-                )
-            epoch, skip = epoch + 1, 0
+            if epoch_done:
+                if fresh and decoded == 0 and epoch != TAIL_EPOCH:
+                    raise RuntimeError(
+                        f"no sample of shards {self.shards} decodes (last error: "
+                        f"{last_error}); check them with data_pipelines"
+                    )
+                fresh, decoded = True, 0
 
 
 # ----------------------------------------------------------------------------- batches
 def collate(samples: list[dict]) -> dict[str, Any]:
-    return {
-        "video": torch.stack([s["video"] for s in samples]),
-        "ref": torch.stack([s["ref"] for s in samples]),
-        "audio": torch.stack([s["audio"] for s in samples]),
-        "keypoints": torch.stack([s["keypoints"] for s in samples]),
+    """Stack tensors (video/ref, or latents/ref_latents in precomputed mode) into a batch."""
+    batch: dict[str, Any] = {
         "keys": [s["key"] for s in samples],
         "captions": [s["caption"] for s in samples],
         "quality": [s["quality"] for s in samples],
         "has_audio": torch.tensor([s["has_audio"] for s in samples], dtype=torch.bool),
     }
+    for name in TENSORS:
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
 
 
 class _RankBatches(IterableDataset):
@@ -235,10 +236,15 @@ class _RankBatches(IterableDataset):
         world_size: int,
         positions: list[ConsumerPosition],
         rotation: int,
+        handover: dict[str, Any] | None = None,
+        sources: list[list[str]] | None = None,
+        schedule: SourceSchedule | None = None,
     ) -> None:
         self.cfg, self.shards, self.seed = cfg, shards, seed
         self.rank, self.world_size = rank, world_size
         self.positions, self.rotation = positions, rotation
+        self.handover = handover
+        self.sources, self.schedule = sources, schedule
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -247,12 +253,29 @@ class _RankBatches(IterableDataset):
         # batch come from the worker an uninterrupted run would have asked next.
         worker = ((info.id if info is not None else 0) + self.rotation) % workers
         consumer = self.rank * workers + worker
+        if self.cfg.mixed:
+            mixed = MixedBatches(
+                self.cfg,
+                self.sources or [self.shards],
+                self.seed,
+                consumer,
+                self.world_size * workers,
+                asdict(self.positions[worker]),
+                replace(self.schedule, worker=worker, workers=workers),
+            )
+            for batch, position in mixed:
+                batch["_worker"] = worker
+                batch["_position"] = position
+                yield batch
+            return
         stream = ConsumerStream(
-            consumer_shards(self.shards, consumer, self.world_size * workers),
+            self.shards,
             self.cfg,
             self.seed,
             consumer,
             self.positions[worker],
+            num_consumers=self.world_size * workers,
+            handover=self.handover,
         )
         samples = []
         for sample in stream:
@@ -273,13 +296,22 @@ class ResumableLoader:
     """
 
     def __init__(
-        self, cfg: DataConfig, shards: list[str], rank: int, world_size: int, state: LoaderState
+        self,
+        cfg: DataConfig,
+        shards: list[str],
+        rank: int,
+        world_size: int,
+        state: LoaderState,
+        sources: list[list[str]] | None = None,
+        schedule: SourceSchedule | None = None,
     ) -> None:
         self.cfg = cfg
         self.shards = shards
         self.rank = rank
         self.world_size = world_size
         self.state = state
+        self.sources = sources
+        self.schedule = schedule
         self._generation = 0
 
     @property
@@ -300,8 +332,11 @@ class ResumableLoader:
             self.state.seed,
             self.rank,
             self.world_size,
-            [ConsumerPosition(p.yielded, p.corrupt) for p in self.state.workers],
+            [ConsumerPosition.from_dict(asdict(p)) for p in self.state.workers],
             self.state.batches % self.num_workers,
+            self.state.handover,
+            self.sources,
+            self.schedule,
         )
         if self.cfg.num_workers == 0:
             return iter(dataset)
@@ -331,23 +366,62 @@ class ResumableLoader:
             yield batch
 
 
+def _check_source(name: str, shards: list[str], cfg: DataConfig, ranks: int, workers: int):
+    consumers = ranks * workers
+    split = resolve_split(cfg.split, len(shards), consumers)
+    if split == "shard" and len(shards) < consumers:
+        raise ValueError(
+            f"{name} has {len(shards)} shard(s) for {consumers} data consumers ({ranks} "
+            f"rank(s) x {workers} worker(s)) and data.split=shard gives every consumer whole "
+            "shards. Set data.split=sample (or auto), write more, smaller shards "
+            "(data_pipelines.shard max_samples_per_shard) or lower data.num_workers"
+        )
+    if split == "sample":
+        total = sum(len(index_shard(shard)) for shard in shards)  # few shards: headers only
+        if total < consumers:
+            raise ValueError(
+                f"{name} holds {total} sample(s) for {consumers} data consumers ({ranks} "
+                f"rank(s) x {workers} worker(s)): every consumer needs at least one sample. "
+                "Lower data.num_workers or add data"
+            )
+
+
 def build_loader(
-    cfg: DataConfig, rank: int, world_size: int, seed: int, state: dict | None = None
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    seed: int,
+    state: dict | None = None,
+    curriculum: CurriculumConfig | None = None,
+    grad_accum: int = 1,
 ) -> ResumableLoader:
-    """The loader of ``rank`` out of ``world_size``; ``state`` is a saved ``state_dict()``."""
+    """The loader of ``rank`` out of ``world_size``; ``state`` is a saved ``state_dict()``.
+
+    ``curriculum`` and ``grad_accum`` (micro-batches per optimizer step) let the stages'
+    source_weights steer a mix of data.sources; without them the sources' own weights hold.
+    """
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    shards = shard_list(cfg.shards)
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum} must be at least 1")
     workers = max(1, cfg.num_workers)
-    consumers = world_size * workers
-    if len(shards) < consumers:
-        raise ValueError(
-            f"data.shards={cfg.shards!r} has {len(shards)} shard(s) for {consumers} data "
-            f"consumers ({world_size} rank(s) x {workers} worker(s)); every consumer needs at "
-            "least one shard. Write more, smaller shards (data_pipelines.shard "
-            "max_samples_per_shard) or lower data.num_workers"
+    sources = [shard_list(source.shards) for source in cfg.source_list()]
+    for source, shards in zip(cfg.source_list(), sources, strict=True):
+        label = (
+            f"data.shards={source.shards!r}" if not cfg.sources else f"data.sources {source.name!r}"
         )
+        _check_source(label, shards, cfg, world_size, workers)
+    shards = [shard for source_shards in sources for shard in source_shards]
+    schedule = None
+    if cfg.mixed:
+        schedule = SourceSchedule(
+            [s.name for s in cfg.source_list()],
+            [s.weight for s in cfg.source_list()],
+            curriculum,
+            grad_accum,
+        )
+        schedule(0)  # a stage naming an unknown source fails here, not in a worker
     fresh = LoaderState(
         seed=seed,
         rank=rank,
@@ -356,8 +430,10 @@ def build_loader(
         num_shards=len(shards),
         workers=[ConsumerPosition() for _ in range(workers)],
     )
-    if state is None:
-        return ResumableLoader(cfg, shards, rank, world_size, fresh)
-    saved = LoaderState.from_dict(state)
-    saved.check_matches(fresh)
-    return ResumableLoader(cfg, shards, rank, world_size, saved)
+    if state is not None:
+        fresh_workers = fresh.workers
+        fresh = LoaderState.from_dict(state)
+        fresh.check_matches(
+            LoaderState(seed, rank, world_size, cfg.num_workers, len(shards), 0, fresh_workers)
+        )
+    return ResumableLoader(cfg, shards, rank, world_size, fresh, sources, schedule)

@@ -48,12 +48,36 @@ def test_invalid_num_frames_is_rejected_with_the_rule(corpus):
         build_loader(_cfg(corpus.pattern, num_frames=8), 0, 1, 0)
 
 
-def test_too_few_shards_for_the_consumers_fails_fast_with_a_fix(corpus):
+def test_too_few_shards_for_whole_shard_split_fails_fast_with_a_fix(corpus):
     with pytest.raises(ValueError) as caught:
-        build_loader(_cfg(corpus.pattern, num_workers=4), 0, 4, 0)
+        build_loader(_cfg(corpus.pattern, num_workers=4, split="shard"), 0, 4, 0)
     message = str(caught.value)
-    for part in ("8 shard", "16 data consumers", "max_samples_per_shard", "num_workers"):
+    for part in ("8 shard", "16 data consumers", "data.split=sample", "num_workers"):
         assert part in message
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (3, 0)])
+def test_fewer_shards_than_consumers_split_by_sample(media, tmp_path, world_size, num_workers):
+    # 2 shards of 10 samples for 16 (or 3) consumers: every sample once per epoch, no hang.
+    samples = [media.make_sample(f"few{i}.mp4", num_frames=10) for i in range(20)]
+    media.write_shard(tmp_path / "shard-000000.tar", samples[:10])
+    media.write_shard(tmp_path / "shard-000001.tar", samples[10:])
+    cfg = _cfg(str(tmp_path / "*.tar"), num_workers=num_workers, batch_size=1)
+    seen = []
+    consumers = world_size * max(1, num_workers)
+    for rank in range(world_size):
+        loader = build_loader(cfg, rank, world_size, seed=0)
+        per_worker = [len(range(c, 20, consumers)) for c in range(consumers)]
+        mine = per_worker[rank * max(1, num_workers) : (rank + 1) * max(1, num_workers)]
+        if num_workers == 0 or len(set(mine)) == 1:
+            seen += _keys(_take(loader, sum(mine)))
+        else:  # uneven workers: count each worker's first epoch from the round robin
+            batches = _take(loader, max(mine) * len(mine))
+            for worker, size in enumerate(mine):
+                seen += _keys(batches[worker :: len(mine)][:size])
+    assert Counter(seen) == Counter(s["__key__"] for s in samples)
+    with pytest.raises(ValueError, match="20 sample\\(s\\) for 24 data consumers"):
+        build_loader(_cfg(str(tmp_path / "*.tar"), num_workers=4), 0, 6, seed=0)
 
 
 # ----------------------------------------------------------------------------- batches

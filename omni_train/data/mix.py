@@ -1,0 +1,205 @@
+"""One consumer's batches when data comes from several sources and/or several buckets.
+
+Each raw sample is taken from a source drawn by weight (a seeded draw per pick, with the
+weights of the step the consumer is filling), then goes to its (resolution x length) bucket;
+a bucket that reaches its batch size becomes a batch. The position is: picks so far, raw
+samples taken per source, samples handed out and skipped, and the pending samples (taken,
+decoded, waiting in a bucket) as (source, raw index) pairs. Resuming re-decodes the pending
+ones (a few batches at most) and continues, so the stream is exactly that of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from omni_train.curriculum.config import CurriculumConfig
+from omni_train.curriculum.schedule import source_weights_at
+from omni_train.data.config import BucketConfig, DataConfig
+from omni_train.data.decode import CorruptSample, decode_sample
+from omni_train.data.latents import decode_latent_sample
+from omni_train.data.plan import ConsumerPlan, ShardIndex, resolve_split
+from omni_train.data.shards import LATENT_MEMBERS, MEMBERS, SampleRef, read_sample
+
+log = logging.getLogger(__name__)
+
+# Weights of the step filling a consumer's batch ``index`` -> one weight per source.
+WeightsAt = Callable[[int], Sequence[float]]
+
+
+@dataclass
+class SourceSchedule:
+    """Picklable weights_at for one worker: consumer batch index -> weight per source."""
+
+    names: list[str]
+    defaults: list[float]
+    curriculum: CurriculumConfig | None = None
+    grad_accum: int = 1
+    worker: int = 0
+    workers: int = 1
+
+    def __call__(self, batch_index: int) -> list[float]:
+        if self.curriculum is None:
+            return list(self.defaults)
+        # The DataLoader deals batches to workers in turn: rank batch = b * workers + worker.
+        step = (batch_index * self.workers + self.worker) // self.grad_accum
+        weights = source_weights_at(
+            self.curriculum, step, dict(zip(self.names, self.defaults, strict=True))
+        )
+        return [weights[name] for name in self.names]
+
+
+def source_seed(seed: int, source: int) -> int:
+    return seed if source == 0 else seed + 1_000_003 * source
+
+
+def choose_bucket(meta: dict[str, Any], buckets: Sequence[BucketConfig], fps: float) -> int | None:
+    """The bucket nearest the clip's aspect ratio among those whose window fits in it."""
+    frames, clip_fps = int(meta["num_frames"]), float(meta["fps"])
+    fits = [
+        i for i, b in enumerate(buckets) if round((b.num_frames - 1) * clip_fps / fps) <= frames - 1
+    ]
+    if not fits:
+        return None
+    width, height = meta.get("width"), meta.get("height")
+    if not width or not height:
+        return max(fits, key=lambda i: buckets[i].num_frames)
+    aspect = math.log(float(width) / float(height))
+
+    def distance(i: int) -> tuple[float, int]:
+        h, w = buckets[i].resolution
+        return abs(math.log(w / h) - aspect), -buckets[i].num_frames
+
+    return min(fits, key=distance)
+
+
+def _key_words(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
+
+
+class MixedBatches:
+    """The infinite batch stream of one consumer over ``sources`` (shard lists)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sources: Sequence[Sequence[str]],
+        seed: int,
+        consumer: int,
+        num_consumers: int,
+        position: dict[str, Any],
+        weights_at: WeightsAt,
+    ) -> None:
+        self.cfg = cfg
+        self.buckets = cfg.bucket_list()
+        self.seed, self.consumer = seed, consumer
+        index = ShardIndex()
+        self.plans = [
+            ConsumerPlan(
+                shards,
+                source_seed(seed, s),
+                cfg.shuffle_buffer,
+                consumer,
+                num_consumers,
+                index=index,
+                split=resolve_split(cfg.split, len(shards), num_consumers),
+            )
+            for s, shards in enumerate(sources)
+        ]
+        self.weights_at = weights_at
+        self.position = {
+            "yielded": int(position.get("yielded", 0)),
+            "corrupt": int(position.get("corrupt", 0)),
+            "picks": int(position.get("picks", 0)),
+            "batches": int(position.get("batches", 0)),
+            "sources": list(position.get("sources") or [0] * len(sources)),
+            "pending": [list(p) for p in position.get("pending", [])],
+        }
+
+    def _pick_source(self) -> int:
+        weights = np.asarray(self.weights_at(self.position["batches"]), dtype=np.float64)
+        if len(weights) == 1:
+            return 0
+        if weights.sum() <= 0:
+            raise ValueError("every data source has weight 0 at this step: fix source_weights")
+        draw = np.random.default_rng(
+            [self.seed & 0xFFFFFFFF, self.consumer, self.position["picks"], 7]
+        ).random()
+        return int(np.searchsorted(np.cumsum(weights / weights.sum()), draw, side="right"))
+
+    def _ref_at(self, source: int, raw: int) -> tuple[int, SampleRef]:
+        epoch, ref, _ = next(self.plans[source].refs_from(raw))
+        return epoch, ref
+
+    def _decode(self, source: int, epoch: int, ref: SampleRef) -> tuple[int, dict]:
+        raw = read_sample(ref, LATENT_MEMBERS if self.cfg.precomputed else MEMBERS)
+        try:
+            meta = json.loads(bytes(raw.get("json", b"")).decode("utf-8"))
+            bucket = choose_bucket(meta, self.buckets, self.cfg.fps)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise CorruptSample(ref.key, f"json member does not parse: {err}") from err
+        if bucket is None:
+            raise CorruptSample(ref.key, "clip is shorter than the window of every bucket")
+        b = self.buckets[bucket]
+        cfg = replace(
+            self.cfg,
+            resolution=list(b.resolution),
+            num_frames=b.num_frames,
+            batch_size=b.batch_size,
+        )
+        plan = self.plans[source]
+        rng = np.random.default_rng(plan.decode_seeds(epoch, _key_words(ref.key)))
+        decode = decode_latent_sample if self.cfg.precomputed else decode_sample
+        return bucket, decode(raw, cfg, rng)
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        """(batch, position after it) forever."""
+        from omni_train.data.stream import collate
+
+        filling: dict[int, list[tuple[list[int], dict]]] = {}
+        for source, raw_index in self.position["pending"]:
+            epoch, ref = self._ref_at(source, raw_index)
+            bucket, sample = self._decode(source, epoch, ref)
+            filling.setdefault(bucket, []).append(([source, raw_index], sample))
+        streams = [plan.refs_from(self.position["sources"][s]) for s, plan in enumerate(self.plans)]
+        # More failures in a row than a whole epoch of every source: nothing can decode.
+        epoch_samples, failed_in_a_row = sum(plan.epoch_size for plan in self.plans), 0
+        while True:
+            source = self._pick_source()
+            self.position["picks"] += 1
+            epoch, ref, _ = next(streams[source])
+            raw_index = self.position["sources"][source]
+            self.position["sources"][source] += 1
+            try:
+                bucket, sample = self._decode(source, epoch, ref)
+            except CorruptSample as err:
+                self.position["corrupt"] += 1
+                log.warning("skipping %s (in %s)", err, ref.shard)
+                failed_in_a_row += 1
+                if failed_in_a_row > epoch_samples:
+                    raise RuntimeError(
+                        f"no sample of data sources {[p.all_shards for p in self.plans]} "
+                        f"decodes for these buckets (last error: {err}); check the shards "
+                        "with data_pipelines and data.buckets"
+                    ) from err
+                continue
+            failed_in_a_row = 0
+            filling.setdefault(bucket, []).append(([source, raw_index], sample))
+            self.position["pending"].append([source, raw_index])  # in take order
+            if len(filling[bucket]) < self.buckets[bucket].batch_size:
+                continue
+            items = filling.pop(bucket)
+            done = {tuple(ident) for ident, _ in items}
+            self.position["pending"] = [p for p in self.position["pending"] if tuple(p) not in done]
+            batch = collate([sample for _, sample in items])
+            self.position["yielded"] += len(items)
+            self.position["batches"] += 1
+            yield batch, json.loads(json.dumps(self.position))
