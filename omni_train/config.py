@@ -46,6 +46,8 @@ class SampleConfig:
     segment_frames: int = 0
     # Overrides the run's diffusion.sampling_steps when > 0.
     sampling_steps: int = 0
+    # Sample with the EMA weights (ema.safetensors) of a run trained with trainer.ema.enabled.
+    use_ema: bool = False
     seed: int = 0
 
 

@@ -50,11 +50,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_run(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+def load_run(
+    checkpoint: str | Path, device: torch.device | str = "cpu", use_ema: bool = False
+) -> LoadedRun:
     """Rebuild the denoiser and frozen encoders of a checkpoint from its exported weights."""
     from omni_train.models.denoiser import build_denoiser
     from omni_train.models.encoders import build_frozen_encoders
     from omni_train.models.weights import load_strict
+    from omni_train.trainer.ema import EMA_FILE
     from omni_train.trainer.weights import DENOISER_FILE, FROZEN_FILE
 
     folder = resolve_checkpoint(checkpoint)
@@ -66,7 +69,13 @@ def load_run(checkpoint: str | Path, device: torch.device | str = "cpu") -> Load
     if (folder / FROZEN_FILE).is_file():
         load_strict(encoders, folder / FROZEN_FILE, what="frozen encoders")
     denoiser = build_denoiser(cfg.model)
-    load_strict(denoiser, folder / DENOISER_FILE, what="denoiser")
+    weights = folder / (EMA_FILE if use_ema else DENOISER_FILE)
+    if use_ema and not weights.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {EMA_FILE}: the run trained without trainer.ema.enabled=true; "
+            "sample without use_ema=true"
+        )
+    load_strict(denoiser, weights, what="EMA denoiser" if use_ema else "denoiser")
     return LoadedRun(cfg, folder, denoiser.to(device).eval(), encoders.to(device).eval())
 
 
@@ -91,7 +100,7 @@ def run_sampling(cfg: SampleConfig) -> Path:
     from omni_train.media import AUDIO_RATE, read_audio, to_uint8_frames, write_mp4
 
     torch.manual_seed(cfg.seed)
-    run = load_run(cfg.checkpoint)
+    run = load_run(cfg.checkpoint, use_ema=cfg.use_ema)
     train_cfg = run.cfg
     diffusion = train_cfg.diffusion
     if cfg.sampling_steps > 0:

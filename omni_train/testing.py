@@ -71,6 +71,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         proc.start()
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
+    failed = False
     try:
         while len(results) < world_size:
             try:
@@ -85,9 +86,22 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value
+    except BaseException:
+        failed = True
+        raise
     finally:
         for proc in procs:
-            proc.join(timeout=30)
+            # After a failure the other ranks may wait in a collective forever: end them now.
+            proc.join(timeout=2 if failed else 30)
             if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=5)
     return [results[r] for r in range(world_size)]
+
+
+def metric_rows(run_dir: str | Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl``."""
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -6,6 +6,7 @@ from omni_train.config import TrainConfig
 from omni_train.curriculum import validate_curriculum
 from omni_train.data.stream import shard_list
 from omni_train.trainer.ds_config import deepspeed_config
+from omni_train.trainer.lr_schedule import validate_schedule
 
 
 class ConfigError(ValueError):
@@ -16,6 +17,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     try:
         validate_curriculum(cfg.curriculum)
         deepspeed_config(cfg.trainer, cfg.data.batch_size, world_size)
+        validate_schedule(cfg.trainer.optimizer)
         cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -33,9 +35,29 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
             )
     if cfg.trainer.save_every <= 0 or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps and trainer.save_every must be positive")
-    if not cfg.data.shards:
-        raise ConfigError("data.shards is empty: pass data.shards='DIR/shards/*.tar'")
-    try:
-        shard_list(cfg.data.shards)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from err
+    _validate_trainer_extras(cfg)
+    for source in cfg.data.source_list():
+        if not source.shards:
+            raise ConfigError("data.shards is empty: pass data.shards='DIR/shards/*.tar'")
+        try:
+            shard_list(source.shards)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from err
+
+
+def _validate_trainer_extras(cfg: TrainConfig) -> None:
+    tcfg = cfg.trainer
+    if tcfg.ema.enabled and not 0.0 < tcfg.ema.decay < 1.0:
+        raise ConfigError(f"trainer.ema.decay={tcfg.ema.decay}: use a value in (0, 1)")
+    if not 1 <= tcfg.preemption.exit_code <= 255:
+        raise ConfigError(
+            f"trainer.preemption.exit_code={tcfg.preemption.exit_code}: use 1-255 (143 default)"
+        )
+    if tcfg.nonfinite.max_consecutive < 1:
+        raise ConfigError("trainer.nonfinite.max_consecutive must be >= 1")
+    validation = tcfg.validation
+    if validation.every < 0 or (validation.ref_images and not validation.audio):
+        raise ConfigError(
+            "trainer.validation: every must be >= 0, and ref_images needs one audio file each "
+            "(trainer.validation.audio=[a.wav,...])"
+        )

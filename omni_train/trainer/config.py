@@ -15,6 +15,64 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    # After warmup: "constant", "cosine" or "linear" decay to lr * min_lr_ratio at
+    # decay_steps (0 = at trainer.max_steps).
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    decay_steps: int = 0
+
+
+@dataclass
+class EMAConfig:
+    # Exponential moving average of the denoiser's weights, kept sharded over the ranks
+    # (each rank averages its own slice; ZeRO-3 partitions included) and gathered only when
+    # a checkpoint is saved (ema.safetensors, loadable like model.safetensors).
+    enabled: bool = False
+    decay: float = 0.9999
+    update_every: int = 1
+    # Steps before the first update (the average starts from the weights at that step).
+    start_step: int = 0
+
+
+@dataclass
+class PreemptionConfig:
+    # Signals that mean "the job is about to be stopped": finish the current step, save a
+    # checkpoint, exit with exit_code. Slurm sends SIGTERM on preemption and time limit and
+    # SIGUSR1 ahead of it with `--signal=USR1@SECONDS`.
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # launch/slurm/train.sbatch requeues the job when the training exits with this code
+    # (128 + SIGTERM, as for a process ended by the signal; slurm.conf RequeueExit can list it).
+    exit_code: int = 143
+
+
+@dataclass
+class NonFiniteConfig:
+    # A step whose loss is NaN or Inf on any rank applies no update and is counted
+    # (metrics: nonfinite_skipped); this many in a row stop the run with the last good state.
+    max_consecutive: int = 5
+
+
+@dataclass
+class ProfilerConfig:
+    # torch.profiler over steps [start_step, start_step + num_steps); 0 steps = off.
+    # The Chrome trace goes to run_dir/profile/ (open in Perfetto or chrome://tracing).
+    start_step: int = 0
+    num_steps: int = 0
+    with_memory: bool = False
+
+
+@dataclass
+class ValidationConfig:
+    # Every N steps (0 = never) sample short clips from fixed inputs and log them.
+    every: int = 0
+    # Inputs: "" = the first num_clips clips of the training shards (fixed by the seed).
+    ref_images: list[str] = field(default_factory=list)
+    audio: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    num_clips: int = 1
+    sampling_steps: int = 4
+    # Use the EMA weights when EMA is enabled.
+    use_ema: bool = True
 
 
 @dataclass
@@ -24,9 +82,14 @@ class TrainerConfig:
     log_every: int = 1
     keep_last: int = 3
     zero_stage: int = 2
+    # ZeRO offload: "none" or "cpu" ("nvme" needs offload_nvme_path). Optimizer offload works
+    # with ZeRO 1-3, parameter offload with ZeRO-3 only.
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    offload_nvme_path: str = ""
     grad_clip: float = 1.0
     grad_accum: int = 1
-    # "fp32" or "bf16"; CPU machines train in fp32 (bf16 matmul is far slower there).
+    # "fp32" or "bf16"; "auto" = bf16 on CUDA, fp32 on CPU (bf16 matmul is far slower there).
     precision: str = "fp32"
     # "auto" picks nccl on CUDA and gloo on CPU.
     dist_backend: str = "auto"
@@ -34,7 +97,17 @@ class TrainerConfig:
     # DeepSpeed's CPU shared-memory all-reduce needs a ~70 s C++ build on first use; gloo is
     # enough for CPU runs, so it is off unless asked for.
     cpu_shm_comm: bool = False
+    # Peak dense TFLOP/s per device for MFU: 0 = detect (known CUDA GPUs, bf16 tensor cores),
+    # else the value given (e.g. a measured CPU matmul peak).
+    peak_tflops: float = 0.0
+    # Console progress bar on the main rank (a one-line bar on a terminal, log lines else).
+    progress_bar: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @dataclass

@@ -22,11 +22,39 @@ class DistInfo:
         return self.rank == 0
 
 
+def slurm_rank_environment(env: dict[str, str]) -> dict[str, str]:
+    """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR for one process per task started by srun or
+    the Hydra submitit launcher (no torchrun); empty when torchrun already set them."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    found = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+    }
+    if "MASTER_ADDR" not in env:
+        found["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in env:
+        found["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return found
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a slurm node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
+    return prefix + first
+
+
 def prepare_environment() -> None:
     """Settings that must be in place before deepspeed is imported."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.update(slurm_rank_environment(dict(os.environ)))
     # A single process started without torchrun still forms a (1-rank) group.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -13,6 +13,7 @@ from typing import Any
 
 from omni_train.trainer.checkpoint import write_json_atomic
 from omni_train.trainer.config import LoggerConfig
+from omni_train.trainer.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class MetricsLogger:
         resolved_config: dict[str, Any],
         resume_step: int,
         max_steps: int,
+        progress_bar: bool = True,
     ) -> None:
         self.cfg = cfg
         self.max_steps = max_steps
@@ -69,6 +71,7 @@ class MetricsLogger:
         self._start_step = resume_step
         self.wandb_run = None
         self.wandb_dir: Path | None = None
+        self.progress = ProgressBar(max_steps, resume_step) if progress_bar else None
         if cfg.wandb.enabled:
             self._init_wandb(run_dir, experiment, resolved_config)
 
@@ -94,9 +97,23 @@ class MetricsLogger:
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.progress is not None and self.progress.interactive:
+            self.progress.update(row)
+            return
         step = row["step"]
         if step % self.cfg.console_every == 0 or step == self.max_steps:
             log.info(self._console_line(row))
+
+    def log_media(self, step: int, media: dict[str, Path]) -> None:
+        """Videos (mp4 paths) to W&B; the files themselves stay in the run dir."""
+        if self.wandb_run is None or not media:
+            return
+        import wandb
+
+        self.wandb_run.log(
+            {name: wandb.Video(str(path), format="mp4") for name, path in media.items()},
+            step=step,
+        )
 
     def _console_line(self, row: dict[str, Any]) -> str:
         elapsed = time.monotonic() - self._start
@@ -112,6 +129,8 @@ class MetricsLogger:
         )
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

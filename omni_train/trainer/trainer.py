@@ -1,4 +1,4 @@
-"""The Trainer owns the loop: build, resume, step, log, save."""
+"""The Trainer owns the loop: build, resume, step, guard, log, save, stop."""
 
 from __future__ import annotations
 
@@ -13,19 +13,49 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from omni_train.config import TrainConfig
-from omni_train.curriculum import condition_masks, motion_latents_for_step, stage_at
+from omni_train.curriculum import (
+    CurriculumMeter,
+    condition_masks,
+    motion_latents_for_step,
+    stage_at,
+)
 from omni_train.data.stream import build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
 from omni_train.models.vae import latent_frames
 from omni_train.trainer import checkpoint as ckpt
+from omni_train.trainer import throughput
 from omni_train.trainer.distributed import init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
-from omni_train.trainer.metrics import MetricsLogger
+from omni_train.trainer.ema import EMA_FILE, ShardedEMA
+from omni_train.trainer.lr_schedule import lr_lambda
+from omni_train.trainer.metrics import MetricsLogger, wandb_run_id
+from omni_train.trainer.preemption import PreemptionError, SignalFlag
+from omni_train.trainer.profiling import StepProfiler
+from omni_train.trainer.run_state import (
+    ResumePlan,
+    capture_rng,
+    loader_file,
+    plan_resume,
+    read_json,
+    resized_data_seed,
+    restore_rng,
+    rng_file,
+)
 from omni_train.trainer.step import StepResult, compute_loss, step_seed
-from omni_train.trainer.weights import export_weights, frozen_is_random
+from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
+from omni_train.trainer.weights import consolidated_state, export_weights, frozen_is_random
+
+# Stage-so-far curriculum counts, so per-stage ratios survive a restart.
+CURRICULUM_FILE = "curriculum_counts.json"
 
 log = logging.getLogger(__name__)
+
+PREEMPTED_MARKER = "preempted.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss; the last good state was saved."""
 
 
 def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> list[dict]:
@@ -33,14 +63,10 @@ def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> lis
     for name, param in denoiser.named_parameters():
         if param.requires_grad:
             (new if name.startswith(denoiser.new_module_prefixes) else backbone).append(param)
-    groups = [{"params": backbone, "lr": lr}]
+    groups = [{"params": backbone, "lr": lr, "name": "backbone"}]
     if new:
-        groups.append({"params": new, "lr": lr * new_scale})
+        groups.append({"params": new, "lr": lr * new_scale, "name": "new_modules"})
     return groups
-
-
-def _warmup(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 class Trainer:
@@ -55,15 +81,25 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        ds_cfg = deepspeed_config(tcfg, cfg.data.batch_size, self.dist.world_size)
+        self.resolved = resolved
         if self.dist.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.clear_staging(self.ckpt_root):
                 log.warning("removed unfinished checkpoint %s", stale)
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        dist.barrier()
+        self.plan = plan_resume(self.ckpt_root, cfg.seed)
+        resized = self.plan is not None and self.plan.resized(self.dist.world_size)
+        ds_cfg = deepspeed_config(
+            tcfg,
+            cfg.data.batch_size,
+            self.dist.world_size,
+            cuda=self.device.type == "cuda",
+            load_universal=resized,
+        )
+        if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
-        self.resolved = resolved
-        dist.barrier()
 
         # Same seed on every rank: random-init encoders and the denoiser agree everywhere.
         torch.manual_seed(cfg.seed)
@@ -78,16 +114,51 @@ class Trainer:
             eps=opt_cfg.eps,
             weight_decay=opt_cfg.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(opt_cfg.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt_cfg, tcfg.max_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=denoiser, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
         )
 
         self.global_step = 0
-        loader_state = self._resume()
+        self.data_seed = cfg.seed
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        loader_state = self._resume(self.plan) if self.plan is not None else None
+        self.ema = None
+        if tcfg.ema.enabled:
+            self.ema = ShardedEMA(
+                self.engine.module, tcfg.ema, self.dist.rank, self.dist.world_size
+            )
+            if self.plan is not None and (self.plan.checkpoint / EMA_FILE).is_file():
+                from omni_train.models.weights import load_state_dict_file
+
+                self.ema.load_full(load_state_dict_file(self.plan.checkpoint / EMA_FILE))
         self.loader = build_loader(
-            cfg.data, self.dist.rank, self.dist.world_size, cfg.seed, loader_state
+            cfg.data,
+            self.dist.rank,
+            self.dist.world_size,
+            self.data_seed,
+            loader_state,
+            curriculum=cfg.curriculum,
+            grad_accum=tcfg.grad_accum,
         )
+        meter_state = None
+        if self.plan is not None and (self.plan.checkpoint / CURRICULUM_FILE).is_file():
+            meter_state = json.loads((self.plan.checkpoint / CURRICULUM_FILE).read_text())
+        self.curriculum_meter = CurriculumMeter(cfg.curriculum, meter_state)
+        self.flops_per_sample = throughput.FLOPS_PER_SAMPLE(
+            cfg.model, cfg.data.resolution, cfg.data.num_frames
+        )
+        self.tokens_per_sample = throughput.tokens_per_sample(
+            cfg.model, cfg.data.resolution, cfg.data.num_frames
+        )
+        self.peak_tflops = throughput.detect_peak_tflops(tcfg.peak_tflops)
+        self.profiler = StepProfiler(tcfg.profiler, self.run_dir / "profile", self.dist.rank)
+        self.validator = None
+        if tcfg.validation.every > 0:
+            from omni_train.trainer.validation import Validator
+
+            self.validator = Validator(cfg, self.run_dir, self.dist, self.encoders)
         self.metrics = None
         if self.dist.is_main:
             self.metrics = MetricsLogger(
@@ -97,65 +168,158 @@ class Trainer:
                 resolved,
                 self.global_step,
                 tcfg.max_steps,
+                progress_bar=tcfg.progress_bar,
             )
 
     # ----------------------------------------------------------------------------- resume
-    def _resume(self) -> dict | None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if latest is None:
-            return None
-        meta = ckpt.read_meta(latest)
-        if meta["world_size"] != self.dist.world_size:
-            raise RuntimeError(
-                f"{latest} was saved with {meta['world_size']} ranks and this run has "
-                f"{self.dist.world_size}: restart with --nproc_per_node/--nnodes giving "
-                f"{meta['world_size']} ranks, or start a new run_dir"
+    def _resume(self, plan: ResumePlan) -> dict | None:
+        rank, world_size = self.dist.rank, self.dist.world_size
+        load_dir, tag = self.ckpt_root, plan.checkpoint.name
+        resized = plan.resized(world_size)
+        if resized:
+            log.warning(
+                "%s was saved by %d ranks; this run has %d: resuming from a universal "
+                "checkpoint (weights, optimizer state and data position re-partitioned)",
+                plan.checkpoint,
+                plan.saved_world_size,
+                world_size,
             )
+            if self.dist.is_main:
+                convert_to_universal(plan.checkpoint, self.run_dir)
+            dist.barrier()
+            load_dir = universal_root(self.run_dir)
         self.engine.load_checkpoint(
-            str(self.ckpt_root),
-            tag=latest.name,
+            str(load_dir),
+            tag=tag,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        self.global_step = int(meta["step"])
-        log.info("resumed from %s (step %d)", latest, self.global_step)
-        state_path = latest / f"loader_rank{self.dist.rank:05d}.json"
-        return json.loads(state_path.read_text(encoding="utf-8"))
+        self.global_step = plan.step
+        self.nonfinite_total = int(plan.meta.get("nonfinite_skipped", 0))
+        log.info("resumed from %s (step %d)", plan.checkpoint, self.global_step)
+        self.data_seed = plan.data_seed
+        if resized:
+            return self._resized_loader_state(plan)
+        rng = plan.checkpoint / rng_file(rank)
+        if rng.is_file():
+            restore_rng(read_json(rng))
+        return read_json(plan.checkpoint / loader_file(rank))
+
+    def _resized_loader_state(self, plan: ResumePlan) -> dict | None:
+        """Deal the interrupted epoch's remaining samples out to the new ranks; when the
+        saved states cannot be re-dealt, start a fresh, reproducible order instead."""
+        saved = [read_json(p) for p in sorted(plan.checkpoint.glob("loader_rank*.json"))]
+        try:
+            from omni_train.data.elastic import elastic_loader_state
+
+            return elastic_loader_state(saved, self.dist.rank, self.dist.world_size, self.cfg.data)
+        except (ImportError, ValueError) as err:
+            log.warning("loader position not carried over (%s): a new data order starts", err)
+            self.data_seed = resized_data_seed(plan.data_seed, plan.step)
+            return None
 
     # ----------------------------------------------------------------------------- loop
     def run(self) -> None:
         tcfg = self.cfg.trainer
         batches = iter(self.loader)
+        flag = SignalFlag(tcfg.preemption.signals)
         try:
             while self.global_step < tcfg.max_steps:
                 started = time.perf_counter()
-                result, data_wait = self._train_step(batches)
+                with self.profiler.step(self.global_step):
+                    result, data_wait, finite, stop = self._train_step(batches, flag)
                 self.global_step += 1
                 elapsed = time.perf_counter() - started
+                self._after_update(finite)
                 if self.global_step % tcfg.log_every == 0 or self.global_step == tcfg.max_steps:
-                    self._log(result, elapsed, data_wait)
+                    self._log(result, elapsed, data_wait, finite)
+                if self.nonfinite_in_row >= tcfg.nonfinite.max_consecutive:
+                    self._stop_nonfinite()
+                if stop:
+                    self._stop_preempted(flag.received)
                 if self.global_step % tcfg.save_every == 0 or self.global_step == tcfg.max_steps:
                     self.save()
+                if self.validator is not None and self.global_step % tcfg.validation.every == 0:
+                    self._validate()
         finally:
+            flag.restore()
+            self.profiler.close()
             if self.metrics is not None:
                 self.metrics.close()
         if self.dist.is_main:
             log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
 
-    def _train_step(self, batches) -> tuple[StepResult, float]:
+    def _after_update(self, finite: bool) -> None:
+        if finite:
+            self.nonfinite_in_row = 0
+            if self.ema is not None:
+                self.ema.update(self.global_step)
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        # The skipped update did not step the engine's schedule; keep lr tied to the step.
+        self.scheduler.step()
+        if self.dist.is_main:
+            log.warning(
+                "step %d: non-finite loss, update skipped (%d in a row, %d in total)",
+                self.global_step,
+                self.nonfinite_in_row,
+                self.nonfinite_total,
+            )
+
+    def _stop_nonfinite(self) -> None:
+        saved = self.save(reason="nonfinite")
+        raise NonFiniteLossError(
+            f"{self.nonfinite_in_row} consecutive steps had a NaN/Inf loss (up to step "
+            f"{self.global_step}; trainer.nonfinite.max_consecutive="
+            f"{self.cfg.trainer.nonfinite.max_consecutive}). No update was applied in those "
+            f"steps, so {saved} holds the last good weights. Lower trainer.optimizer.lr or "
+            "raise trainer.grad_clip and restart the same command to resume from it (the data "
+            "loader continues after the failing batches), or delete it to redo them"
+        )
+
+    def _stop_preempted(self, signal_name: str | None) -> None:
+        saved = self.save(reason="preempted")
+        code = self.cfg.trainer.preemption.exit_code
+        if self.dist.is_main:
+            # Launchers that cannot see the exit code (torchrun reports any worker failure
+            # as 1) requeue on this marker instead.
+            ckpt.write_json_atomic(
+                self.run_dir / PREEMPTED_MARKER,
+                {"step": self.global_step, "signal": signal_name, "exit_code": code},
+            )
+            log.warning(
+                "stopping on %s after step %d: saved %s, exiting with %d for a requeue",
+                signal_name or "a signal on another rank",
+                self.global_step,
+                saved,
+                code,
+            )
+        raise PreemptionError(code)
+
+    def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
+        """Whether any rank saw a non-finite loss / a stop signal (one tiny all-reduce)."""
+        flags = torch.tensor([float(nonfinite), float(signalled)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _train_step(self, batches, flag: SignalFlag) -> tuple[StepResult, float, bool, bool]:
         cfg = self.cfg
         step_index = self.global_step  # steps completed before this one
         n_motion = motion_latents_for_step(
             cfg.curriculum, step_index, cfg.seed, latent_frames(cfg.diffusion.motion_frames)
         )
-        results, data_wait = [], 0.0
+        results, data_wait, finite, stop = [], 0.0, True, False
         for micro in range(cfg.trainer.grad_accum):
             waited = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited
+            if not finite:
+                continue  # the step is skipped; still consume its batches (exact resume)
             masks = condition_masks(
                 cfg.curriculum, step_index, batch["keys"], batch["quality"], cfg.seed
             )
+            self.curriculum_meter.add(step_index, masks, batch["quality"], batch["has_audio"])
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
             result = compute_loss(
@@ -169,58 +333,130 @@ class Trainer:
                 self.device,
                 cfg.data.pose_sigma,
             )
+            bad, stop = self._agree(not bool(torch.isfinite(result.loss)), flag.raised)
+            results.append(result.detach())
+            if bad:
+                finite = False
+                self._discard_accumulated(micro)
+                continue
             self.engine.backward(result.loss)
             self.engine.step()
-            results.append(result.detach())
-        return StepResult.merge(results), data_wait
+        return StepResult.merge(results), data_wait, finite, stop
 
-    def _log(self, result: StepResult, elapsed: float, data_wait: float) -> None:
+    def _discard_accumulated(self, micro: int) -> None:
+        """Drop gradients of earlier micro-batches of a skipped step and realign the engine's
+        accumulation counter so the next step starts on a fresh boundary."""
+        if micro == 0:
+            return
+        self.engine.zero_grad()
+        # ZeRO-2/3 keep reduced gradient partitions of earlier micro-batches in flat buffers
+        # that zero_grad() leaves alone (they are normally consumed by the optimizer step).
+        optimizer = self.engine.optimizer
+        for name in ("grads_in_partition", "grad_partitions_flat_buffer"):
+            buffer = getattr(optimizer, name, None)
+            if torch.is_tensor(buffer):
+                buffer.zero_()
+        for name in ("all_grad_tensors", "averaged_gradients"):
+            per_group = getattr(optimizer, name, None)
+            if isinstance(per_group, dict):
+                for group in per_group:
+                    per_group[group] = None
+        self.engine.micro_steps += self.cfg.trainer.grad_accum - micro
+
+    def _log(self, result: StepResult, elapsed: float, data_wait: float, finite: bool) -> None:
         stage_index, stage = stage_at(self.cfg.curriculum, self.global_step - 1)
         totals = result.totals(self.device)
         dist.all_reduce(totals)
+        peaks = throughput.peak_memory_gb(self.device)
+        peak_values = torch.tensor(list(peaks.values()), device=self.device)
+        dist.all_reduce(peak_values, op=dist.ReduceOp.MAX)
         row = result.row_from_totals(totals.tolist())
-        grad_norm = self.engine.get_global_grad_norm()
+        counts = torch.tensor(
+            self.curriculum_meter.vector(), dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(counts)
+        row.update(self.curriculum_meter.flush(self.global_step - 1, counts.tolist()))
+        grad_norm = self.engine.get_global_grad_norm() if finite else None
+        samples_per_s = row["batch_size"] / max(elapsed, 1e-9)
+        lrs = self.scheduler.get_last_lr()
         row.update(
             step=self.global_step,
             stage=stage_index + 1,
             stage_name=stage.name,
-            lr=self.scheduler.get_last_lr()[0],
+            lr=lrs[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            samples_per_s=row["batch_size"] / max(elapsed, 1e-9),
+            samples_per_s=samples_per_s,
+            tokens_per_s=samples_per_s * self.tokens_per_sample,
+            tflops_per_s=samples_per_s * self.flops_per_sample / 1e12,
             step_time_s=elapsed,
             data_wait_s=data_wait,
+            data_wait_frac=data_wait / max(elapsed, 1e-9),
             num_motion_latents=result.num_motion_latents,
+            nonfinite_skipped=self.nonfinite_total,
+            update_skipped=int(not finite),
         )
+        if len(lrs) > 1:
+            row["lr_new_modules"] = lrs[1]
+        row.update(dict(zip(peaks, peak_values.tolist(), strict=True)))
+        if self.peak_tflops:
+            row["mfu"] = throughput.mfu(
+                self.flops_per_sample, samples_per_s, self.dist.world_size, self.peak_tflops
+            )
         if self.metrics is not None:
             self.metrics.log(row)
 
     # ----------------------------------------------------------------------------- save
-    def save(self) -> Path:
+    def save(self, reason: str = "cadence") -> Path:
         step = self.global_step
+        rank = self.dist.rank
         staging = ckpt.staging_dir(self.ckpt_root, step)
         if self.dist.is_main:
             ckpt.clear_staging(self.ckpt_root)
             staging.mkdir(parents=True)
         dist.barrier()
         self.engine.save_checkpoint(str(self.ckpt_root), tag=staging.name, save_latest=False)
-        state = self.loader.state_dict()
-        ckpt.write_json_atomic(staging / f"loader_rank{self.dist.rank:05d}.json", state)
-        export_weights(self.engine, self.encoders, self.cfg.model, staging, self.dist.is_main)
+        ckpt.write_json_atomic(staging / loader_file(rank), self.loader.state_dict())
+        ckpt.write_json_atomic(staging / rng_file(rank), capture_rng())
+        state = consolidated_state(self.engine, self.dist.is_main)
+        ema_state = self.ema.gather(self.dist.is_main) if self.ema is not None else None
+        if self.dist.is_main:
+            export_weights(self.engine, self.encoders, self.cfg.model, staging, True, state=state)
+            if ema_state is not None:
+                from omni_train.models.weights import save_safetensors
+
+                save_safetensors({**state, **ema_state}, staging / EMA_FILE)
         dist.barrier()
         final = staging.with_name(ckpt.checkpoint_name(step))
         if self.dist.is_main:
             (staging / "config.yaml").write_text(OmegaConf.to_yaml(self.resolved))
+            ckpt.write_json_atomic(staging / CURRICULUM_FILE, self.curriculum_meter.state_dict())
             meta = {
                 "step": step,
                 "world_size": self.dist.world_size,
                 "stage": stage_at(self.cfg.curriculum, max(step - 1, 0))[0] + 1,
                 "zero_stage": self.cfg.trainer.zero_stage,
                 "frozen_encoders_saved": frozen_is_random(self.cfg.model),
+                "data_seed": self.data_seed,
+                "nonfinite_skipped": self.nonfinite_total,
+                "ema": self.ema is not None,
+                "reason": reason,
                 "time": time.time(),
             }
+            if self.cfg.logger.wandb.enabled:
+                meta["wandb_run_id"] = wandb_run_id(self.run_dir)
             final = ckpt.publish(staging, meta)
             for old in ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last):
                 log.info("removed old checkpoint %s", old)
+            clear_universal(self.run_dir)
             log.info("saved checkpoint %s", final)
         dist.barrier()
         return final
+
+    # ----------------------------------------------------------------------------- validate
+    def _validate(self) -> None:
+        weights = None
+        if self.ema is not None and self.cfg.trainer.validation.use_ema:
+            weights = self.ema.gather(self.dist.is_main)
+        media = self.validator.run(self.engine, self.global_step, ema_weights=weights)
+        if self.metrics is not None and media:
+            self.metrics.log_media(self.global_step, media)

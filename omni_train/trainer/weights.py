@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from omni_train.models.config import ModelConfig
 from omni_train.models.encoders import frozen_is_random
 from omni_train.models.weights import save_safetensors
@@ -12,21 +14,44 @@ DENOISER_FILE = "model.safetensors"
 # Random-init encoders cannot be rebuilt from a path: their weights travel with the run.
 FROZEN_FILE = "frozen.safetensors"
 
-__all__ = ["DENOISER_FILE", "FROZEN_FILE", "export_weights", "frozen_is_random"]
+__all__ = [
+    "DENOISER_FILE",
+    "FROZEN_FILE",
+    "consolidated_state",
+    "export_weights",
+    "frozen_is_random",
+]
 
 
-def export_weights(engine, encoders, model_cfg: ModelConfig, out_dir: Path, is_main: bool) -> None:
-    """Write the denoiser's full weights (and random-init encoders') into ``out_dir``.
+def consolidated_state(engine, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The denoiser's full state dict on the main rank (None elsewhere).
 
     Under ZeRO-3 the parameters are partitioned, so every rank must take part in gathering
-    them; only the main rank writes.
+    them; only the main rank receives them.
     """
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict() if is_main else None
+    return dict(state) if is_main and state is not None else None
+
+
+def export_weights(
+    engine,
+    encoders,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+    is_main: bool,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the denoiser's full weights (and random-init encoders') into ``out_dir``.
+
+    Every rank must call it unless ``state`` (from ``consolidated_state``) is given.
+    """
+    if state is None:
+        state = consolidated_state(engine, is_main)
     if not is_main:
         return
-    save_safetensors(dict(state), out_dir / DENOISER_FILE)
+    save_safetensors(state, out_dir / DENOISER_FILE)
     if frozen_is_random(model_cfg):
         save_safetensors(encoders.state_dict(), out_dir / FROZEN_FILE)

@@ -97,3 +97,28 @@ def test_bad_override_exits_before_any_rank_starts(tmp_path):
     assert proc.returncode == 2
     assert "zero_stage" in proc.stdout + proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.optimizer.schedule=step", "trainer.optimizer.schedule"),
+        ("trainer.preemption.exit_code=0", "trainer.preemption.exit_code"),
+        ("trainer.offload_param=cpu", "trainer.offload_param"),
+        ("trainer.nonfinite.max_consecutive=0", "trainer.nonfinite.max_consecutive"),
+    ],
+)
+def test_trainer_settings_are_checked_before_launch(tmp_path, override, named):
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"")
+    with pytest.raises(ConfigError, match=named):
+        _valid([override], shard)
+
+
+def test_trainer_presets_compose(tmp_path):
+    cfg, _ = compose_train_config(
+        ["experiment=smoke", "run_dir=/tmp/x", "trainer=zero3_offload", "trainer.ema.enabled=true"]
+    )
+    assert cfg.trainer.zero_stage == 3
+    assert cfg.trainer.offload_optimizer == "cpu" and cfg.trainer.offload_param == "cpu"
+    assert cfg.trainer.ema.enabled

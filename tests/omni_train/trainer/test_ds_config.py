@@ -23,3 +23,32 @@ def test_invalid_values_name_the_key(field, value, key):
     cfg = TrainerConfig(**{field: value})
     with pytest.raises(ValueError, match=f"trainer.{key}"):
         deepspeed_config(cfg, 1, 1)
+
+
+def test_offload_sections_and_universal_loading():
+    cfg = TrainerConfig(zero_stage=3, offload_optimizer="cpu", offload_param="cpu")
+    ds = deepspeed_config(cfg, 1, 2, load_universal=True)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert ds["checkpoint"] == {"load_universal": True}
+    assert "checkpoint" not in deepspeed_config(TrainerConfig(), 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"zero_stage": 2, "offload_param": "cpu"}, "offload_param needs trainer.zero_stage=3"),
+        ({"offload_optimizer": "nvme"}, "offload_nvme_path"),
+        ({"offload_optimizer": "gpu"}, "trainer.offload_optimizer='gpu'"),
+    ],
+)
+def test_offload_mistakes_are_explained(fields, message):
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(TrainerConfig(**fields), 1, 1)
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
+    cfg = TrainerConfig(precision="auto")
+    assert deepspeed_config(cfg, 1, 1, cuda=True)["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg, 1, 1, cuda=False)["bf16"]["enabled"] is False

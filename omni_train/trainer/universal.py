@@ -1,0 +1,74 @@
+"""Resume on a different world size through DeepSpeed's universal checkpoint format.
+
+A ZeRO checkpoint stores optimizer state partitioned for the world size that wrote it, so
+plain loading refuses another size. ``ds_to_universal`` rewrites it as one file per
+parameter (weights and optimizer moments), which any world size and ZeRO stage can load.
+The conversion runs once, on the main rank, into ``run_dir/universal/step_N`` (written to a
+staging name and renamed, so a kill during conversion leaves nothing that looks finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+UNIVERSAL_DIR = "universal"
+_DONE = "converted.ok"
+
+
+def universal_root(run_dir: Path) -> Path:
+    return run_dir / UNIVERSAL_DIR
+
+
+def convert_to_universal(checkpoint: Path, run_dir: Path, timeout_s: float = 3600) -> Path:
+    """Convert ``checkpoint`` once; returns ``run_dir/universal/<checkpoint name>``."""
+    out = universal_root(run_dir) / checkpoint.name
+    if (out / _DONE).is_file():
+        return out
+    staging = out.with_name(f".staging_{checkpoint.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint),
+        "--output_folder",
+        str(staging),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(
+            f"converting {checkpoint} to a universal checkpoint failed (exit {proc.returncode}):"
+            f"\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}\nresume with the world size it was "
+            "saved with, or start a new run_dir"
+        )
+    (staging / _DONE).write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    log.info(
+        "converted %s to a universal checkpoint in %.1f s", checkpoint, time.monotonic() - started
+    )
+    return out
+
+
+def clear_universal(run_dir: Path) -> None:
+    """Drop converted copies: once the resized run has saved, its own checkpoints rule."""
+    shutil.rmtree(universal_root(run_dir), ignore_errors=True)

@@ -1,0 +1,69 @@
+"""One rank, a few steps: the metrics row, validation clips, the profiler window, the lr."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import av
+import pytest
+
+from data_pipelines.testing import build_sample_shards
+from omni_train.testing import metric_rows, run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _train(overrides: list[str]) -> int:
+    import torch.distributed as dist
+
+    from omni_train.testing import compose_train_config
+    from omni_train.trainer.trainer import Trainer
+
+    cfg, resolved = compose_train_config(overrides)
+    trainer = Trainer(cfg, resolved)
+    trainer.run()
+    dist.destroy_process_group()
+    return trainer.global_step
+
+
+def test_metrics_validation_clips_and_profiler_trace(tmp_path):
+    data = build_sample_shards(tmp_path / "corpus", num_clips=3, seed=3)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=smoke",
+        f"run_dir={run_dir}",
+        f"data.shards={data}/shards/*.tar",
+        "trainer.max_steps=4",
+        "trainer.save_every=4",
+        "trainer.zero_stage=2",
+        "trainer.peak_tflops=0.05",
+        "trainer.optimizer.warmup_steps=1",
+        "trainer.optimizer.schedule=cosine",
+        "trainer.optimizer.min_lr_ratio=0.1",
+        "trainer.optimizer.new_module_lr_scale=2.0",
+        "trainer.validation.every=2",
+        "trainer.validation.sampling_steps=1",
+        "trainer.profiler.start_step=1",
+        "trainer.profiler.num_steps=2",
+        "logger.wandb.enabled=false",
+    ]
+    assert run_ranks(_train, 1, overrides) == [4]
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        for key in ("grad_norm", "tokens_per_s", "mfu", "mem_rss_gb", "data_wait_s"):
+            assert math.isfinite(row[key]) and row[key] >= 0, key
+        assert row["tokens_per_s"] > row["samples_per_s"]
+        assert row["lr_new_modules"] == pytest.approx(2 * row["lr"])
+        assert any(k.startswith("loss_task_") for k in row)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 3)))
+    for step in (2, 4):
+        clip = run_dir / "validation" / f"step_{step:08d}" / "clip_0.mp4"
+        with av.open(str(clip)) as container:
+            assert container.streams.audio
+            assert sum(1 for _ in container.decode(video=0)) == 17
+    traces = list((run_dir / "profile").glob("trace_rank0_steps1-2.json"))
+    assert len(traces) == 1 and "traceEvents" in json.loads(traces[0].read_text())
