@@ -105,3 +105,19 @@ def metric_rows(run_dir: str | Path) -> list[dict]:
 
     lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_in_rank(overrides: Sequence[str]) -> int:
+    """Train `omni_train.train OVERRIDES` in this (forked) rank; returns the last step.
+
+    Meant for ``run_ranks(train_in_rank, world_size, overrides)``.
+    """
+    import torch.distributed as dist
+
+    from omni_train.trainer.trainer import Trainer
+
+    cfg, resolved = compose_train_config(list(overrides))
+    trainer = Trainer(cfg, resolved)
+    trainer.run()
+    dist.destroy_process_group()
+    return trainer.global_step

@@ -9,23 +9,10 @@ import pytest
 
 from data_pipelines.testing import build_sample_shards
 from omni_train.models.weights import load_state_dict_file
-from omni_train.testing import metric_rows, run_ranks
+from omni_train.testing import metric_rows, run_ranks, train_in_rank
 from omni_train.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
-
-
-def _train(overrides: list[str]) -> int:
-    import torch.distributed as dist
-
-    from omni_train.testing import compose_train_config
-    from omni_train.trainer.trainer import Trainer
-
-    cfg, resolved = compose_train_config(overrides)
-    trainer = Trainer(cfg, resolved)
-    trainer.run()
-    dist.destroy_process_group()
-    return trainer.global_step
 
 
 @pytest.mark.parametrize("zero_stage", [3])
@@ -43,11 +30,11 @@ def test_two_rank_run_resumes_on_one_rank(tmp_path, zero_stage):
         "trainer.progress_bar=false",
         "logger.wandb.enabled=false",
     ]
-    assert run_ranks(_train, 2, [*common, "trainer.max_steps=2"]) == [2, 2]
+    assert run_ranks(train_in_rank, 2, [*common, "trainer.max_steps=2"]) == [2, 2]
     before = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
     assert before["world_size"] == 2 and before["ema"]
 
-    assert run_ranks(_train, 1, [*common, "trainer.max_steps=4"]) == [4]
+    assert run_ranks(train_in_rank, 1, [*common, "trainer.max_steps=4"]) == [4]
     rows = metric_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["batch_size"] for r in rows] == [4, 4, 2, 2]

@@ -9,22 +9,9 @@ import av
 import pytest
 
 from data_pipelines.testing import build_sample_shards
-from omni_train.testing import metric_rows, run_ranks
+from omni_train.testing import metric_rows, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.slow
-
-
-def _train(overrides: list[str]) -> int:
-    import torch.distributed as dist
-
-    from omni_train.testing import compose_train_config
-    from omni_train.trainer.trainer import Trainer
-
-    cfg, resolved = compose_train_config(overrides)
-    trainer = Trainer(cfg, resolved)
-    trainer.run()
-    dist.destroy_process_group()
-    return trainer.global_step
 
 
 def test_metrics_validation_clips_and_profiler_trace(tmp_path):
@@ -48,7 +35,7 @@ def test_metrics_validation_clips_and_profiler_trace(tmp_path):
         "trainer.profiler.num_steps=2",
         "logger.wandb.enabled=false",
     ]
-    assert run_ranks(_train, 1, overrides) == [4]
+    assert run_ranks(train_in_rank, 1, overrides) == [4]
     rows = metric_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:

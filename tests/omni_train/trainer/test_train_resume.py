@@ -10,7 +10,7 @@ import av
 import pytest
 
 from data_pipelines.testing import build_sample_shards
-from omni_train.testing import run_ranks
+from omni_train.testing import run_ranks, train_in_rank
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +23,6 @@ STAGES = [
     "curriculum.stages.2.ratios.pose=1.0",
     "curriculum.motion_frame_ratio=0.5",
 ]
-
-
-def _train(overrides: list[str]) -> int:
-    import torch.distributed as dist
-
-    from omni_train.testing import compose_train_config
-    from omni_train.trainer.trainer import Trainer
-
-    cfg, resolved = compose_train_config(overrides)
-    trainer = Trainer(cfg, resolved)
-    trainer.run()
-    step = trainer.global_step
-    dist.destroy_process_group()
-    return step
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -67,7 +53,7 @@ def _overrides(run_dir: Path, shards: str, max_steps: int, wandb: bool) -> list[
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shards) -> Path:
     run_dir = tmp_path_factory.mktemp("run_full")
-    assert run_ranks(_train, 2, _overrides(run_dir, shards, 6, wandb=False)) == [6, 6]
+    assert run_ranks(train_in_rank, 2, _overrides(run_dir, shards, 6, wandb=False)) == [6, 6]
     return run_dir
 
 
@@ -95,9 +81,9 @@ def test_stages_switch_conditions_on_in_order(uninterrupted):
 
 def test_stop_and_resume_gives_the_same_losses(uninterrupted, shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run_ranks(_train, 2, _overrides(run_dir, shards, 3, wandb=True)) == [3, 3]
+    assert run_ranks(train_in_rank, 2, _overrides(run_dir, shards, 3, wandb=True)) == [3, 3]
     first_id = json.loads((run_dir / "wandb_run_id.json").read_text())
-    assert run_ranks(_train, 2, _overrides(run_dir, shards, 6, wandb=True)) == [6, 6]
+    assert run_ranks(train_in_rank, 2, _overrides(run_dir, shards, 6, wandb=True)) == [6, 6]
 
     resumed, full = _rows(run_dir), _rows(uninterrupted)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
