@@ -68,6 +68,10 @@ def test_stages_switch_conditions_on_in_order(uninterrupted):
             assert row["active_audio"] == 0 and row["active_pose"] == 0
         if row["stage"] == 2:
             assert row["active_pose"] == 0
+    # Realised ratios per stage sit beside the configured ones (stages 2-3 set audio to 1.0).
+    assert rows[1]["stage1/target_ratio_audio"] == 0.0 and rows[1]["stage1/ratio_audio"] == 0.0
+    assert rows[5]["stage3/target_ratio_pose"] == 1.0
+    assert rows[5]["stage3/ratio_audio"] == pytest.approx(1.0)
     later = [r for r in rows if r["stage"] >= 2]
     assert sum(r["active_audio"] for r in later) > 0
     assert all(r["loss"] > 0 for r in rows)
