@@ -17,6 +17,7 @@ from omni_train.curriculum import CONDITIONS
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import flow_matching_loss, sample_timesteps
+from omni_train.models.vae import SPATIAL_FACTOR, pixel_frames
 
 # A sample's task is named after its strongest active condition (paper §3.3 order).
 TASKS: tuple[str, ...] = ("uncond", *CONDITIONS)
@@ -103,6 +104,14 @@ def pose_heatmaps(keypoints: torch.Tensor, height: int, width: int, sigma: float
     return keypoint_heatmaps(keypoints, height, width, sigma).permute(0, 2, 1, 3, 4)
 
 
+def _latents(encoders, batch: Mapping, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and reference latents: precomputed ones (data.precomputed) or VAE-encoded."""
+    if "latents" in batch:
+        return batch["latents"].to(device), batch["ref_latents"].to(device)
+    video = batch["video"].to(device)
+    return encoders.encode_video(video), encoders.encode_video(batch["ref"].to(device)[:, :, None])
+
+
 def compute_loss(
     model: Callable[..., torch.Tensor],
     encoders,
@@ -119,19 +128,25 @@ def compute_loss(
     Conditions that are off for a sample reach the model as its learned nulls (the model
     decides how); conditions off for the whole batch are not encoded.
     """
-    video = batch["video"].to(device)
-    batch_size, _, num_frames, height, width = video.shape
     active = {c: torch.as_tensor(np.asarray(masks[c]), device=device) for c in CONDITIONS}
     # A clip without an audio track cannot train audio, whatever its tag says.
     active["audio"] = active["audio"] & batch["has_audio"].to(device)
 
-    x0 = encoders.encode_video(video)
-    ref_latents = encoders.encode_video(batch["ref"].to(device)[:, :, None])
-    text, text_mask = encoders.encode_text(list(batch["captions"]))
+    x0, ref_latents = _latents(encoders, batch, device)
+    batch_size, _, latent_count, latent_h, latent_w = x0.shape
+    num_frames = pixel_frames(latent_count)
+    height, width = latent_h * SPATIAL_FACTOR, latent_w * SPATIAL_FACTOR
+    if "text_embeddings" in batch:  # precomputed by data_pipelines.encode
+        text = batch["text_embeddings"].to(device)
+        text_mask = batch["text_mask"].to(device)
+    else:
+        text, text_mask = encoders.encode_text(list(batch["captions"]))
     # Every module runs on every rank even when a condition is off for the whole micro-batch
     # (inactive samples see learned nulls): ZeRO's gradient reduction expects the same
     # parameters to produce gradients everywhere.
-    if bool(active["audio"].any()):
+    if "audio_features" in batch:
+        audio = batch["audio_features"].to(device)
+    elif bool(active["audio"].any()):
         audio = encoders.encode_audio(batch["audio"].to(device), num_frames)
     else:
         audio = torch.zeros(batch_size, num_frames, encoders.audio.dim, device=device)
