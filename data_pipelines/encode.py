@@ -1,6 +1,7 @@
-"""Optional encode stage: precomputed VAE latents (and audio) in shards with the same keys.
+"""Optional encode stage: precomputed VAE latents, text and audio in shards with the same keys.
 
-    python -m data_pipelines.encode input_dir=DATA output_dir=ENC [seed=0 audio_features=true] \
+    python -m data_pipelines.encode input_dir=DATA output_dir=ENC [seed=0 audio_features=true \
+        text_embeddings=false] \
         [training overrides: experiment=NAME model.vae.pretrained=... data.resolution=...]
 
 Every argument that is not one of EncodeConfig's fields is a training override: the training
@@ -14,6 +15,8 @@ as training would (omni_train.data.decode) and encoded with the project's own fr
                       window's; ``encoded`` records the source shard, window start and model
   latents.npy         (C, T', h, w) float32 VAE latents of the window
   ref_latents.npy     (C, 1, h, w) of the reference frame (outside the window when possible)
+  text_embeddings.npy (Ltok, D) float32 text-encoder output for the caption, its valid
+                      (unpadded) tokens only; skipped with ``text_embeddings=false``
   audio.npy           (S,) float32 16 kHz waveform of the window, when the clip has audio
   audio_features.npy  (T, D) audio-encoder features, with ``audio_features=true``
 
@@ -52,6 +55,7 @@ class EncodeConfig:
     output_dir: str = ""
     seed: int = 0  # window choice per key and the init of randomly initialised encoders
     audio_features: bool = False
+    text_embeddings: bool = True  # store the caption's text-encoder output per sample
     device: str = "cpu"
 
 
@@ -113,6 +117,8 @@ class Encoder:
             "latents.npy": _npy(latents.cpu().numpy()),
             "ref_latents.npy": _npy(ref.cpu().numpy()),
         }
+        if self.cfg.text_embeddings:
+            members["text_embeddings.npy"] = _npy(self.text(str(decoded["caption"])))
         if decoded["has_audio"]:
             members["audio.npy"] = _npy(decoded["audio"].numpy())
             if self.cfg.audio_features:
@@ -122,6 +128,12 @@ class Encoder:
                     )[0]
                 members["audio_features.npy"] = _npy(features.cpu().numpy())
         return members
+
+    def text(self, caption: str) -> np.ndarray:
+        """(Ltok, D): the caption's valid tokens; the loader pads a batch and rebuilds the mask."""
+        with torch.no_grad():
+            embeddings, mask = self.encoders.encode_text([caption])
+        return embeddings[0][mask[0].to(embeddings.device)].float().cpu().numpy()
 
 
 def run_encode(cfg: EncodeConfig, overrides: list[str]) -> dict:
@@ -189,6 +201,10 @@ def run_encode(cfg: EncodeConfig, overrides: list[str]) -> dict:
     return stats
 
 
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     own = {f.name for f in fields(EncodeConfig)}
@@ -207,7 +223,8 @@ def main(argv: list[str]) -> int:
     cfg = EncodeConfig(
         input_dir=mine["input_dir"], output_dir=mine["output_dir"],
         seed=int(mine.get("seed", 0)),
-        audio_features=mine.get("audio_features", "false").lower() in ("1", "true", "yes"),
+        audio_features=_flag(mine.get("audio_features", "false")),
+        text_embeddings=_flag(mine.get("text_embeddings", "true")),
         device=mine.get("device", "cpu"),
     )  # fmt: skip
     try:

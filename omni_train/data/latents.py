@@ -6,6 +6,8 @@ An encode stage writes, per sample, one training window already encoded:
   ref_latents.npy       (C, 1, h, w) or (C, h, w) latents of the reference frame
   audio.npy             optional (S,) float32 waveform of the window at 16 kHz
   audio_features.npy    optional (T, D) audio-encoder features of the window
+  text_embeddings.npy   optional (Ltok, D) text-encoder output for the caption, valid tokens
+                        only (the collate pads a batch and adds ``text_mask``)
 Arrays are read with numpy's allow_pickle=False: an object array (a pickle) is refused as a
 corrupt sample, never unpickled. No video is decoded.
 """
@@ -20,6 +22,8 @@ import torch
 
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import NUM_JOINTS, CorruptSample, _parse_meta
+
+TEXT_MEMBER = "text_embeddings.npy"
 
 
 def _array(key: str, raw: dict[str, Any], member: str, ndim: tuple[int, ...]) -> np.ndarray:
@@ -40,7 +44,7 @@ def decode_latent_sample(raw: dict[str, Any], cfg: DataConfig, rng=None) -> dict
 
     Returns latents (C, T', h, w) and ref_latents (C, 1, h, w) float32, keypoints (T, 17, 3)
     of the window's first ``cfg.num_frames`` frames, audio (S,) (zeros when absent),
-    audio_features when stored, key, caption, quality and has_audio.
+    audio_features and text_embeddings (Ltok, D) when stored, key, caption, quality and has_audio.
     """
     key = str(raw.get("__key__", "?"))
     if not isinstance(raw.get("json"), bytes | bytearray):
@@ -69,6 +73,9 @@ def decode_latent_sample(raw: dict[str, Any], cfg: DataConfig, rng=None) -> dict
     if "audio_features.npy" in raw:
         features = _array(key, raw, "audio_features.npy", (2,)).astype(np.float32)
         sample["audio_features"] = torch.from_numpy(features)
+    if TEXT_MEMBER in raw:
+        text = _array(key, raw, TEXT_MEMBER, (2,)).astype(np.float32)
+        sample["text_embeddings"] = torch.from_numpy(text)
     keypoints = np.zeros((cfg.num_frames, NUM_JOINTS, 3), np.float32)
     if meta["keypoints"] is not None:
         stored = np.asarray(meta["keypoints"], dtype=np.float32)

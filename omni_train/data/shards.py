@@ -30,6 +30,7 @@ LATENT_MEMBERS: tuple[str, ...] = (
     "ref_latents.npy",
     "audio.npy",
     "audio_features.npy",
+    "text_embeddings.npy",
 )
 INDEXED: tuple[str, ...] = tuple(dict.fromkeys(MEMBERS + LATENT_MEMBERS))
 # WebDataset's key convention: everything before the first dot of the file name.

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from omni_train.data import DataConfig, build_loader
 from omni_train.data import stream as stream_module
@@ -113,3 +114,46 @@ def test_precomputed_with_buckets_is_refused():
 
     with pytest.raises(ValueError, match="data.precomputed=true with data.buckets"):
         _cfg("x.tar", buckets=[BucketConfig()]).validate()
+
+
+def test_text_embeddings_are_padded_to_the_longest_with_a_mask(media, tmp_path):
+    samples = [_latent_sample(media, f"txt{i}.mp4", i) for i in range(3)]
+    for i, sample in enumerate(samples):  # 1, 3 and 0 (an empty caption) valid tokens
+        tokens = [1, 3, 0][i]
+        sample["text_embeddings.npy"] = _npy(np.full((tokens, 5), i + 1, np.float16))
+    media.write_shard(tmp_path / "shard-000000.tar", samples)
+    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar"), batch_size=3), 0, 1, 0), 1)
+    assert batch["text_embeddings"].shape == (3, 3, 5)
+    assert (
+        batch["text_embeddings"].dtype == torch.float32 and batch["text_mask"].dtype == torch.bool
+    )
+    for i, key in enumerate(batch["keys"]):
+        index = [s["__key__"] for s in samples].index(key)
+        tokens = [1, 3, 0][index]
+        assert batch["text_mask"][i].tolist() == [True] * tokens + [False] * (3 - tokens)
+        assert (batch["text_embeddings"][i, :tokens] == index + 1).all()
+        assert (batch["text_embeddings"][i, tokens:] == 0).all()
+
+
+def test_a_batch_with_text_embeddings_on_some_samples_only_drops_them(media, tmp_path):
+    samples = [_latent_sample(media, f"part{i}.mp4", i) for i in range(2)]
+    samples[0]["text_embeddings.npy"] = _npy(np.ones((2, 5), np.float32))
+    media.write_shard(tmp_path / "shard-000000.tar", samples)
+    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
+    assert "text_embeddings" not in batch and "text_mask" not in batch
+    assert batch["latents"].shape[0] == 2
+
+
+def test_pad_text_refuses_mixed_widths():
+    with pytest.raises(ValueError, match="different widths"):
+        stream_module.pad_text([torch.zeros(2, 4), torch.zeros(2, 5)], ["a", "b"])
+
+
+def test_a_pickled_text_embedding_is_a_corrupt_sample(media, tmp_path):
+    good = [_latent_sample(media, f"tgood{i}.mp4", i) for i in range(2)]
+    bad = _latent_sample(media, "tbad.mp4", 7)
+    bad["text_embeddings.npy"] = _npy(np.empty(1, dtype=object))
+    media.write_shard(tmp_path / "shard-000000.tar", [good[0], bad, good[1]])
+    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
+    assert sorted(batch["keys"]) == sorted(s["__key__"] for s in good)
+    assert batch["corrupt_skipped"] == 1
