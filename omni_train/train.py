@@ -24,7 +24,8 @@ register_configs()
 def main(raw: DictConfig) -> None:
     cfg: TrainConfig = OmegaConf.to_object(raw)
     try:
-        validate_train_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+        validate_train_config(cfg, world_size=int(world_size))
     except ConfigError as err:
         log.error("invalid config: %s", err)
         sys.exit(2)

@@ -38,8 +38,10 @@ class EMAConfig:
 class PreemptionConfig:
     # Signals that mean "the job is about to be stopped": finish the current step, save a
     # checkpoint, exit with exit_code. Slurm sends SIGTERM on preemption and time limit and
-    # SIGUSR1 ahead of it with `--signal=USR1@SECONDS`.
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # SIGUSR1 ahead of it with `--signal=USR1@SECONDS` (launch/slurm/train.sbatch); submitit
+    # (hydra/launcher=slurm_gpu sweeps) asks for SIGUSR2 and its requeue handler runs after
+    # the checkpoint (omni_train/trainer/preemption.py).
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     # launch/slurm/train.sbatch requeues the job when the training exits with this code
     # (128 + SIGTERM, as for a process ended by the signal; slurm.conf RequeueExit can list it).
     exit_code: int = 143

@@ -242,10 +242,11 @@ class Trainer:
                 if self.validator is not None and self.global_step % tcfg.validation.every == 0:
                     self._validate()
         finally:
-            flag.restore()
             self.profiler.close()
             if self.metrics is not None:
                 self.metrics.close()
+            # Last: a launcher's own handler (submitit's requeue) may run here and exit.
+            flag.restore()
         if self.dist.is_main:
             log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
 
