@@ -4,7 +4,6 @@ subprocess), and small readers / writers of the on-disk formats."""
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import av
 import numpy as np
 
 from data_pipelines.config import SampleCorpusConfig, ShardConfig
+from data_pipelines.merge import read_jsonl  # noqa: F401 - re-exported for tests
 from data_pipelines.pipeline import run_shard
 from data_pipelines.sample_corpus import make_sample_corpus
 
@@ -28,10 +28,6 @@ def build_sample_shards(
     )
     run_shard(ShardConfig(input_dir=str(corpus), output_dir=str(output), **shard_overrides))
     return output
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def shard_members(data_dir: Path) -> dict[str, dict[str, bytes]]:

@@ -101,10 +101,20 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
 def metric_rows(run_dir: str | Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl``."""
-    import json
+    from omni_train.report import read_metrics
 
-    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+# The three curriculum stages squeezed into six steps, audio and pose always on where eligible.
+SIX_STEP_STAGES: tuple[str, ...] = (
+    "curriculum.stages.0.start_step=0",
+    "curriculum.stages.1.start_step=2",
+    "curriculum.stages.2.start_step=4",
+    "curriculum.stages.1.ratios.audio=1.0",
+    "curriculum.stages.2.ratios.audio=1.0",
+    "curriculum.stages.2.ratios.pose=1.0",
+)
 
 
 def train_in_rank(overrides: Sequence[str]) -> int:

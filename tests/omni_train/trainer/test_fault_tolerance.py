@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.testing import build_sample_shards
-from omni_train.testing import metric_rows, run_ranks
+from omni_train.testing import SIX_STEP_STAGES, metric_rows, run_ranks
 from omni_train.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 6
-STAGES = [
-    "curriculum.stages.0.start_step=0",
-    "curriculum.stages.1.start_step=2",
-    "curriculum.stages.2.start_step=4",
-    "curriculum.stages.1.ratios.audio=1.0",
-    "curriculum.stages.2.ratios.audio=1.0",
-    "curriculum.stages.2.ratios.pose=1.0",
-]
+STAGES = list(SIX_STEP_STAGES)
 
 
 def run_overrides(run_dir: Path, shards: str, max_steps: int, *extra: str) -> list[str]:

@@ -10,24 +10,11 @@ import av
 import pytest
 
 from data_pipelines.testing import build_sample_shards
-from omni_train.testing import run_ranks, train_in_rank
+from omni_train.testing import SIX_STEP_STAGES, metric_rows, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.slow
 
-STAGES = [
-    "curriculum.stages.0.start_step=0",
-    "curriculum.stages.1.start_step=2",
-    "curriculum.stages.2.start_step=4",
-    "curriculum.stages.1.ratios.audio=1.0",
-    "curriculum.stages.2.ratios.audio=1.0",
-    "curriculum.stages.2.ratios.pose=1.0",
-    "curriculum.motion_frame_ratio=0.5",
-]
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+STAGES = [*SIX_STEP_STAGES, "curriculum.motion_frame_ratio=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,7 @@ def uninterrupted(tmp_path_factory, shards) -> Path:
 
 
 def test_stages_switch_conditions_on_in_order(uninterrupted):
-    rows = _rows(uninterrupted)
+    rows = metric_rows(uninterrupted)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["stage"] for r in rows] == [1, 1, 2, 2, 3, 3]
     for row in rows:
@@ -89,7 +76,7 @@ def test_stop_and_resume_gives_the_same_losses(uninterrupted, shards, tmp_path):
     first_id = json.loads((run_dir / "wandb_run_id.json").read_text())
     assert run_ranks(train_in_rank, 2, _overrides(run_dir, shards, 6, wandb=True)) == [6, 6]
 
-    resumed, full = _rows(run_dir), _rows(uninterrupted)
+    resumed, full = metric_rows(run_dir), metric_rows(uninterrupted)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(resumed, full, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
