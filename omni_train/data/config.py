@@ -32,6 +32,9 @@ class DataConfig:
     # Shard files: a glob, or a comma-separated list of globs / brace patterns
     # (e.g. "out/shards/shard-{000000..000009}.tar,extra/*.tar").
     shards: str = ""
+    # Held-out shards (same format) for the validation loss and the VAE's reconstruction
+    # metrics; never trained on.
+    val_shards: str = ""
     # Output (height, width): clips are resized to cover it, then center-cropped.
     resolution: list[int] = field(default_factory=lambda: [64, 64])
     # Frames per training window; the causal VAE needs 1 + 4k.
