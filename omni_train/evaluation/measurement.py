@@ -24,8 +24,9 @@ class MetricValue:
     reason: str | None = None
     # Whether larger is better (for reports and "between the baselines" readings).
     higher_is_better: bool = True
-    # Optional per-step values behind ``value`` (e.g. one per generated segment for drift).
-    series: list[float] | None = None
+    # Optional per-step values behind ``value`` (e.g. one per generated segment for drift);
+    # a step that could not be measured (a segment without a face) is None.
+    series: list[float | None] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -28,6 +28,21 @@ class MetricsConfig:
     # 400-d logits as in the public FVD code); "" = "not measured".
     inception_weights: str = ""
     i3d_weights: str = ""
+    # Frames per candidate video that identity embeds (evenly spaced; 0 = every frame).
+    identity_frames: int = 16
+    # Every n-th frame goes through MediaPipe Hands for HKC / HKV (1 = all).
+    hands_stride: int = 1
+    # SyncNet offset search +-frames (the reference's --vshift) and batch size.
+    sync_max_offset: int = 15
+    sync_batch: int = 20
+    # Long-video drift: frames embedded per generated segment, and histogram bins per channel.
+    drift_frames_per_segment: int = 4
+    drift_color_bins: int = 32
+    # Segment length (seconds) when a clip gives no segments (e.g. a real clip).
+    drift_segment_seconds: float = 2.0
+    # FID: frames per video fed to Inception (evenly spaced; 0 = all). FVD: frames per clip.
+    fid_frames_per_video: int = 16
+    fvd_frames: int = 16
 
 
 CLIP_METRICS: dict[str, str] = {
