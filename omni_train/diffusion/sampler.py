@@ -1,5 +1,8 @@
 """Euler sampling with annealed text/audio guidance, and segment-wise long-video generation.
 
+A task names the conditions a generation uses (paper §3.4: turning a condition on turns on
+every weaker one): ``text`` = text + reference, ``audio`` = + audio, ``pose`` = + pose.
+
 Guidance (paper §3.4) acts on text and audio only:
     v = v_uncond + s_text (v_text - v_uncond) + s_audio (v_text_audio - v_text)
 where "uncond" drops text and audio (reference and pose stay on). Both scales fall linearly
@@ -14,11 +17,19 @@ from typing import Any
 
 import torch
 
+from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import shift_timesteps
 from omni_train.models.conditioning import latent_frames_for
 
 AUDIO_SAMPLE_RATE = 16_000
+
+# Conditions on per task, weakest to strongest; each task adds one to the one before.
+TASK_CONDITIONS: dict[str, tuple[str, ...]] = {
+    "text": ("text", "ref"),
+    "audio": ("text", "ref", "audio"),
+    "pose": ("text", "ref", "audio", "pose"),
+}
 
 # (x, t, text_on, audio_on) -> velocity; all batched along dim 0.
 GuidedModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -174,40 +185,80 @@ def audio_slice(
     return torch.nn.functional.pad(piece, (0, length - piece.shape[0]))
 
 
+def task_flags(task: str, has_caption: bool, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """(1,) bool flag per condition for ``task``; an empty caption leaves text off."""
+    if task not in TASK_CONDITIONS:
+        raise ValueError(f"task={task!r}: use one of {sorted(TASK_CONDITIONS)}")
+    on = TASK_CONDITIONS[task]
+    flags = {name: name in on for name in ("text", "ref", "audio", "pose")}
+    flags["text"] = flags["text"] and has_caption
+    return {name: torch.tensor([value], device=device) for name, value in flags.items()}
+
+
+def segment_heatmaps(
+    keypoints: torch.Tensor, start: int, frames: int, height: int, width: int, sigma: float
+) -> torch.Tensor:
+    """(1, J, frames, H, W) heatmaps of keypoints (T, J, 3) for pixel frames [start, start +
+    frames); frames past the end of ``keypoints`` have no joints (all-zero maps)."""
+    piece = keypoints[start : start + frames]
+    missing = frames - piece.shape[0]
+    if missing > 0:
+        piece = torch.cat([piece, piece.new_zeros(missing, *piece.shape[1:])])
+    return keypoint_heatmaps(piece.float(), height, width, sigma).permute(1, 0, 2, 3)[None]
+
+
 @torch.no_grad()
 def generate_long_video(
     denoiser: torch.nn.Module,
     encoders: Any,
     ref_image: torch.Tensor,
-    audio: torch.Tensor,
+    audio: torch.Tensor | None,
     caption: str,
     fps: float,
     total_frames: int,
     segment_frames: int,
     diffusion_cfg: DiffusionConfig,
     generator: torch.Generator | None = None,
+    task: str = "audio",
+    keypoints: torch.Tensor | None = None,
+    pose_sigma: float = 2.0,
 ) -> torch.Tensor:
     """(1, 3, total_frames, H, W) video in [-1, 1] from a reference image, 16 kHz audio and a
     caption, segment by segment; each later segment starts from the VAE re-encoding of the
-    last ``motion_frames`` frames generated so far, and those duplicates are dropped."""
+    last ``motion_frames`` frames generated so far, and those duplicates are dropped.
+
+    ``task`` selects the conditions (TASK_CONDITIONS); ``task="pose"`` needs ``keypoints``
+    (T, 17, 3), normalised to the output frame as the data loader gives them, rendered per
+    segment as heatmaps of radius ``pose_sigma`` pixels (data.pose_sigma).
+    """
     device = next(denoiser.parameters()).device
+    if task == "pose" and keypoints is None:
+        raise ValueError("task=pose needs keypoints (T, 17, 3) to render pose heatmaps")
+    if task in ("audio", "pose") and audio is None:
+        raise ValueError(f"task={task} needs a 16 kHz waveform")
     latent_frames = latent_frames_for(segment_frames)
     motion_frames = diffusion_cfg.motion_frames
     num_motion = latent_frames_for(motion_frames)
     ref_latents = encoders.encode_video(ref_image.to(device)[:, :, None])
     text, text_mask = encoders.encode_text([caption])
-    on = torch.ones(1, dtype=torch.bool, device=device)
     # An empty caption counts as no text: the model then sees its learned null text token.
-    has_caption = torch.tensor([bool(caption.strip())], device=device)
-    active = {"text": has_caption, "ref": on, "audio": on, "pose": ~on}
+    active = task_flags(task, bool(caption.strip()), device)
+    use_audio, use_pose = bool(active["audio"]), bool(active["pose"])
+    height, width = ref_image.shape[-2:]
     guidance = Guidance.from_config(diffusion_cfg)
     latent_shape = (1, ref_latents.shape[1], latent_frames, *ref_latents.shape[-2:])
 
     pieces: list[torch.Tensor] = []
     video = None
     for index, start in enumerate(segment_starts(total_frames, segment_frames, motion_frames)):
-        waveform = audio_slice(audio.float(), start, segment_frames, fps, AUDIO_SAMPLE_RATE)
-        features = encoders.encode_audio(waveform[None].to(device), segment_frames)
+        features, heatmaps = None, None
+        if use_audio:
+            waveform = audio_slice(audio.float(), start, segment_frames, fps, AUDIO_SAMPLE_RATE)
+            features = encoders.encode_audio(waveform[None].to(device), segment_frames)
+        if use_pose:
+            heatmaps = segment_heatmaps(
+                keypoints, start, segment_frames, height, width, pose_sigma
+            ).to(device)
         motion = None
         if index > 0:
             motion = encoders.encode_video(video[:, :, -motion_frames:])
@@ -217,7 +268,7 @@ def generate_long_video(
             text_mask,
             ref_latents,
             features,
-            None,
+            heatmaps,
             active,
             num_motion_latents=0 if motion is None else num_motion,
         )

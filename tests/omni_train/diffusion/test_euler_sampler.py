@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.sampler import (
     Guidance,
@@ -10,7 +11,9 @@ from omni_train.diffusion.sampler import (
     guidance_schedule,
     guided_velocity,
     inference_timesteps,
+    segment_heatmaps,
     segment_starts,
+    task_flags,
 )
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
@@ -209,3 +212,84 @@ def test_long_video_joins_segments_through_motion_frames():
     torch.testing.assert_close(video[:, :, 9:], second[:, :, 5:].clamp(-1, 1))
     # each segment's audio covers its own 9 frames at 25 fps
     assert encoders.audio_frames == [(5760, 9), (5760, 9)]
+
+
+def test_task_flags_turn_on_every_weaker_condition():
+    def on(task, caption=True):
+        return {n for n, f in task_flags(task, caption, "cpu").items() if bool(f)}
+
+    assert on("text") == {"text", "ref"}
+    assert on("audio") == {"text", "ref", "audio"}
+    assert on("pose") == {"text", "ref", "audio", "pose"}
+    assert on("pose", caption=False) == {"ref", "audio", "pose"}
+    with pytest.raises(ValueError, match="task="):
+        task_flags("video", True, "cpu")
+
+
+def test_segment_heatmaps_render_the_segment_frames_and_blank_past_the_end():
+    keypoints = torch.rand(6, 17, 3)
+    keypoints[..., 2] = 1.0
+    maps = segment_heatmaps(keypoints, 4, 5, 16, 12, 2.0)
+    assert maps.shape == (1, 17, 5, 16, 12)
+    expected = keypoint_heatmaps(keypoints[4:6], 16, 12, 2.0).permute(1, 0, 2, 3)
+    torch.testing.assert_close(maps[0, :, :2], expected)
+    assert maps[0, :, 2:].abs().sum() == 0
+
+
+def run_task(task, keypoints=None, audio=None):
+    """generate_long_video of a tiny model with the denoiser's inputs recorded per call."""
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    encoders = RecordingEncoders(build_frozen_encoders(cfg))
+    denoiser = build_denoiser(cfg).eval()
+    calls = []
+    forward = denoiser.forward
+
+    def recording_forward(noisy, t, text, mask, ref, audio_f, pose, active, **kwargs):
+        calls.append({"audio": audio_f, "pose": pose, "active": active})
+        return forward(noisy, t, text, mask, ref, audio_f, pose, active, **kwargs)
+
+    denoiser.forward = recording_forward
+    diffusion = DiffusionConfig(sampling_steps=1, cfg_text=1.0, cfg_audio=1.0)
+    generate_long_video(
+        denoiser,
+        encoders,
+        torch.zeros(1, 3, 32, 32),
+        audio,
+        "a person",
+        25.0,
+        13,
+        9,
+        diffusion,
+        torch.Generator().manual_seed(0),
+        task=task,
+        keypoints=keypoints,
+        pose_sigma=2.0,
+    )
+    return calls, encoders
+
+
+def test_text_task_encodes_no_audio_and_turns_audio_and_pose_off():
+    calls, encoders = run_task("text")
+    assert len(calls) == 2 and encoders.audio_frames == []
+    for call in calls:
+        assert call["audio"] is None and call["pose"] is None
+        assert [bool(call["active"][c]) for c in ("text", "ref", "audio", "pose")] == [
+            True,
+            True,
+            False,
+            False,
+        ]
+
+
+def test_pose_task_gives_each_segment_its_own_heatmaps():
+    keypoints = torch.rand(13, 17, 3)
+    keypoints[..., 2] = 1.0
+    calls, encoders = run_task("pose", keypoints=keypoints, audio=torch.randn(16_000))
+    assert encoders.audio_frames == [(5760, 9), (5760, 9)]
+    for call, start in zip(calls, (0, 4), strict=True):
+        assert all(bool(flag) for flag in call["active"].values())
+        expected = keypoint_heatmaps(keypoints[start : start + 9], 32, 32, 2.0)
+        torch.testing.assert_close(call["pose"], expected.permute(1, 0, 2, 3)[None])
+    with pytest.raises(ValueError, match="keypoints"):
+        run_task("pose", audio=torch.randn(16_000))
