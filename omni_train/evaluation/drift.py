@@ -10,8 +10,11 @@ cut into ``drift_segment_seconds`` pieces):
 - colour distance: total-variation distance 0.5 * sum |p - q| between the segment's pooled
   per-channel RGB histograms (``drift_color_bins`` bins) and the reference's, averaged over
   the three channels: 0 = the same colours, 1 = no colour in common.
-Each key's ``series`` holds the per-segment values; its value is the last segment's minus the
-first segment's (both with a value), so > 0 means the segment drifted away from the reference.
+Each drift key's ``series`` holds the per-segment values; its value is the last segment's minus
+the first segment's (both with a value), so > 0 means the segment drifted away from the
+reference. ``color_distance`` is the level rather than the change: the colour distance of the
+whole generation's pooled histograms to the reference's (how far its appearance is from the
+reference at all, lower is better).
 """
 
 from __future__ import annotations
@@ -81,9 +84,14 @@ class DriftMetric:
         color_method = (f"last minus first segment of the RGB histogram distance to the "
                         f"reference ({bins} bins per channel, total variation, mean over "
                         f"channels), per segment over {where}")  # fmt: skip
+        level_method = (f"RGB histogram distance of all frames pooled to the reference ({bins} "
+                        "bins per channel, total variation, mean over channels)")  # fmt: skip
         return {
             "drift_identity": self._identity(video, clip, spans, where),
             "drift_color": _drift_value(colors, color_method),
+            "color_distance": MetricValue(
+                color_distance(video, clip.reference, bins), level_method, higher_is_better=False
+            ),
         }
 
     def _identity(

@@ -47,6 +47,9 @@ def test_colour_drift_per_segment_on_a_fading_clip():
     out = metric(video, _clip(reference, video, [(0, 4), (4, 8), (8, 12)]))
     assert out["drift_color"].series == pytest.approx([0.0, 0.25, 0.5])
     assert out["drift_color"].value == pytest.approx(0.5)
+    # Pooled over the whole clip: (0 + 64 + 128) white pixels of 12 x 64 -> 0.25 moved.
+    assert out["color_distance"].value == pytest.approx(0.25)
+    assert out["color_distance"].higher_is_better is False
     assert out["drift_identity"].value is None
     assert "metrics.identity_weights='' is not a file" in out["drift_identity"].reason
 
