@@ -35,6 +35,10 @@ class DataConfig:
     # Held-out shards (same format) for the validation loss and the VAE's reconstruction
     # metrics; never trained on.
     val_shards: str = ""
+    # Share in [0, 1) of every training source's samples held out for validation, chosen by
+    # a hash of the sample key (the same samples on any world size, worker count or restart)
+    # and never trained on. The validation loss uses them when data.val_shards is empty.
+    val_holdout: float = 0.0
     # Output (height, width): clips are resized to cover it, then center-cropped.
     resolution: list[int] = field(default_factory=lambda: [64, 64])
     # Frames per training window; the causal VAE needs 1 + 4k.
@@ -94,6 +98,10 @@ class DataConfig:
             )
         if self.audio_sample_rate < 1:
             raise ValueError(f"data.audio_sample_rate={self.audio_sample_rate} must be positive")
+        if not 0.0 <= self.val_holdout < 1.0:
+            raise ValueError(
+                f"data.val_holdout={self.val_holdout}: give the held-out share in [0, 1), e.g. 0.02"
+            )
         if self.pose_sigma <= 0:
             raise ValueError(f"data.pose_sigma={self.pose_sigma} must be positive")
         names = [source.name for source in self.sources]

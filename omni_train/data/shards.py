@@ -9,6 +9,7 @@ are never read, so nothing in a shard can be unpickled or executed.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -43,6 +44,17 @@ class SampleRef(NamedTuple):
     key: str
     shard: str
     members: tuple[tuple[str, int, int], ...]
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Whether sample ``key`` is in the held-out share ``fraction`` (data.val_holdout).
+
+    A function of the key alone, so every rank, worker, world size and restart agrees.
+    """
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.sha1(b"omni-train/holdout/" + key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") < fraction * 2**64
 
 
 def _split_top_level_commas(pattern: str) -> list[str]:

@@ -31,8 +31,20 @@ from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
 from omni_train.data.mix import MixedBatches, SourceSchedule
-from omni_train.data.plan import TAIL_EPOCH, ConsumerPlan, consumer_shards, resolve_split
-from omni_train.data.shards import LATENT_MEMBERS, index_shard, read_sample, shard_list
+from omni_train.data.plan import (
+    TAIL_EPOCH,
+    ConsumerPlan,
+    ShardIndex,
+    consumer_shards,
+    resolve_split,
+)
+from omni_train.data.shards import (
+    LATENT_MEMBERS,
+    SampleRef,
+    held_out,
+    read_sample,
+    shard_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,7 @@ __all__ = [
     "ConsumerPosition",
     "LoaderState",
     "ResumableLoader",
+    "TrainingIndex",
     "build_loader",
     "consumer_shards",
     "shard_list",
@@ -96,6 +109,8 @@ class LoaderState:
     handover: dict[str, Any] | None = None
     # Corrupt samples counted by the layout before a handover (kept on rank 0).
     corrupt_before: int = 0
+    # data.val_holdout of the run (None: not recorded, e.g. a state from before the option).
+    val_holdout: float | None = None
 
     @property
     def corrupt_skipped(self) -> int:
@@ -123,6 +138,7 @@ class LoaderState:
             workers=[ConsumerPosition.from_dict(w) for w in state["workers"]],
             handover=state.get("handover"),
             corrupt_before=int(state.get("corrupt_before", 0)),
+            val_holdout=state.get("val_holdout"),
         )
 
     def check_matches(self, expected: LoaderState) -> None:
@@ -141,11 +157,36 @@ class LoaderState:
                     f"loader state was saved with {name}={saved} and this run has "
                     f"{name}={current}: {fix}"
                 )
+        if self.val_holdout is not None and self.val_holdout != expected.val_holdout:
+            raise ValueError(
+                f"loader state was saved with data.val_holdout={self.val_holdout} and this run "
+                f"has {expected.val_holdout}: positions would point at other samples and "
+                "held-out samples could be trained on; resume with the same value or start a "
+                "new run_dir"
+            )
         if len(self.workers) != len(expected.workers):
             raise ValueError(
                 f"loader state has {len(self.workers)} worker positions, expected "
                 f"{len(expected.workers)}"
             )
+
+
+# ----------------------------------------------------------------------------- hold-out
+class TrainingIndex(ShardIndex):
+    """Shard indexes without the held-out share (data.val_holdout): every plan built on it,
+    hence every consumer, epoch size, tail and resumed position, never sees those samples."""
+
+    def __init__(self, holdout: float) -> None:
+        super().__init__()
+        self.holdout = holdout
+        self._kept: dict[str, list[SampleRef]] = {}
+
+    def refs(self, shard: str) -> list[SampleRef]:
+        if shard not in self._kept:
+            self._kept[shard] = [
+                ref for ref in super().refs(shard) if not held_out(ref.key, self.holdout)
+            ]
+        return self._kept[shard]
 
 
 # ----------------------------------------------------------------------------- one consumer
@@ -172,14 +213,26 @@ class ConsumerStream:
         self.cfg = cfg
         split = resolve_split(cfg.split, len(shards), num_consumers)
         self.plan = ConsumerPlan(
-            shards, seed, cfg.shuffle_buffer, consumer, num_consumers, handover, split=split
+            shards,
+            seed,
+            cfg.shuffle_buffer,
+            consumer,
+            num_consumers,
+            handover,
+            index=TrainingIndex(cfg.val_holdout),
+            split=split,
         )
         self.shards = self.plan.shards
         self.position = ConsumerPosition(position.yielded, position.corrupt)
 
     def __iter__(self) -> Iterator[dict]:
         if self.plan.epoch_size == 0:
-            raise ValueError(f"shards {self.shards} hold no samples: re-run data_pipelines.shard")
+            held = f" once data.val_holdout={self.cfg.val_holdout} is left out" * bool(
+                self.cfg.val_holdout
+            )
+            raise ValueError(
+                f"shards {self.shards} hold no samples{held}: re-run data_pipelines.shard"
+            )
         own = self.position.raw - len(self.plan.tail)
         fresh = own >= 0 and own % self.plan.epoch_size == 0  # at the start of an own epoch
         decoded, last_error = 0, ""
@@ -293,6 +346,10 @@ class _RankBatches(IterableDataset):
                 asdict(self.positions[worker]),
                 replace(self.schedule, worker=worker, workers=workers),
             )
+            # The sources' plans share one index; this one leaves the held-out share out.
+            index = TrainingIndex(self.cfg.val_holdout)
+            for plan in mixed.plans:
+                plan.index = index
             for batch, position in mixed:
                 batch["_worker"] = worker
                 batch["_position"] = position
@@ -407,7 +464,8 @@ def _check_source(name: str, shards: list[str], cfg: DataConfig, ranks: int, wor
             "(data_pipelines.shard max_samples_per_shard) or lower data.num_workers"
         )
     if split == "sample":
-        total = sum(len(index_shard(shard)) for shard in shards)  # few shards: headers only
+        index = TrainingIndex(cfg.val_holdout)
+        total = sum(len(index.refs(shard)) for shard in shards)  # few shards: headers only
         if total < consumers:
             raise ValueError(
                 f"{name} holds {total} sample(s) for {consumers} data consumers ({ranks} "
@@ -459,11 +517,22 @@ def build_loader(
         num_workers=cfg.num_workers,
         num_shards=len(shards),
         workers=[ConsumerPosition() for _ in range(workers)],
+        val_holdout=cfg.val_holdout,
     )
     if state is not None:
         fresh_workers = fresh.workers
         fresh = LoaderState.from_dict(state)
         fresh.check_matches(
-            LoaderState(seed, rank, world_size, cfg.num_workers, len(shards), 0, fresh_workers)
+            LoaderState(
+                seed,
+                rank,
+                world_size,
+                cfg.num_workers,
+                len(shards),
+                0,
+                fresh_workers,
+                val_holdout=cfg.val_holdout,
+            )
         )
+        fresh.val_holdout = cfg.val_holdout
     return ResumableLoader(cfg, shards, rank, world_size, fresh, sources, schedule)

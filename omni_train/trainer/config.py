@@ -77,6 +77,32 @@ class ValidationConfig:
     use_ema: bool = True
 
 
+# Validation-loss tasks, weakest first.
+VAL_TASKS: tuple[str, ...] = ("text", "audio", "pose")
+
+
+@dataclass
+class ValLossConfig:
+    # The validation loss of trainer.val_every (omni_train/trainer/val_loss.py): the
+    # flow-matching loss of the first num_clips held-out clips (data.val_shards, else the
+    # data.val_holdout share), each at `timesteps` fixed timesteps (quantiles of the training
+    # draw) with fixed noise, per task and quality tier. Cost: an evaluation is about
+    # num_clips x tasks per clip x timesteps sample-forwards, spread over the ranks, against a
+    # step's 3 x data.batch_size per rank (forward + backward). These defaults with
+    # trainer.val_every=1000 cost 4.0 % of training time at the default model and data
+    # settings on one CPU rank (one evaluation = 40 steps; benchmarks/bench_validation.py);
+    # more ranks or a larger batch make the share smaller.
+    num_clips: int = 16
+    timesteps: int = 8
+    # Seeds the noise (per clip key and timestep) and each clip's window; independent of the
+    # run's seed, so runs with different seeds are measured on the same draws.
+    noise_seed: int = 0
+    # Evaluate the EMA weights (trainer.ema.enabled) instead of the trained ones.
+    use_ema: bool = False
+    # Any of text (text + ref), audio (+ audio), pose (+ audio + pose).
+    tasks: list[str] = field(default_factory=lambda: ["text", "audio", "pose"])
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 100_000
@@ -109,7 +135,16 @@ class TrainerConfig:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    # Sampled validation clips (mp4s), every trainer.validation.every steps.
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # Validation loss every N steps (0 = off), logged as val/... keys in that step's
+    # metrics.jsonl row (written at such a step whatever log_every says) and in W&B; needs
+    # data.val_shards or data.val_holdout. 1000 with the val_loss defaults: ~4 % of training.
+    val_every: int = 0
+    # Also evaluate before the first update, logged as a row of its own with step 0 (it has
+    # step, stage and the val/ keys only; no training loss).
+    val_at_start: bool = False
+    val_loss: ValLossConfig = field(default_factory=ValLossConfig)
 
 
 @dataclass

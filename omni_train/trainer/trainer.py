@@ -25,6 +25,7 @@ from omni_train.models.encoders import build_frozen_encoders
 from omni_train.models.vae import latent_frames
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
+from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.distributed import init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.ema import EMA_FILE, ShardedEMA
@@ -159,6 +160,20 @@ class Trainer:
             from omni_train.trainer.validation import Validator
 
             self.validator = Validator(cfg, self.run_dir, self.dist, self.encoders)
+        self.val_loss = None
+        if tcfg.val_every > 0 or tcfg.val_at_start:
+            from omni_train.trainer.val_loss import ValLoss
+
+            self.val_loss = ValLoss(
+                tcfg.val_loss,
+                cfg.data,
+                cfg.diffusion,
+                self.encoders,
+                self.dist.rank,
+                self.dist.world_size,
+                self.device,
+            )
+            self.val_loss.prepare()  # no held-out clip, or a bad one, fails now, not later
         self.metrics = None
         if self.dist.is_main:
             self.metrics = MetricsLogger(
@@ -224,6 +239,8 @@ class Trainer:
         batches = iter(self.loader)
         flag = SignalFlag(tcfg.preemption.signals)
         try:
+            if self.val_loss is not None and tcfg.val_at_start and self.global_step == 0:
+                self._log_before_training(self._val_metrics())
             while self.global_step < tcfg.max_steps:
                 started = time.perf_counter()
                 with self.profiler.step(self.global_step):
@@ -231,8 +248,15 @@ class Trainer:
                 self.global_step += 1
                 elapsed = time.perf_counter() - started
                 self._after_update(finite)
-                if self.global_step % tcfg.log_every == 0 or self.global_step == tcfg.max_steps:
-                    self._log(result, elapsed, data_wait, finite)
+                val = None
+                if tcfg.val_every > 0 and self.global_step % tcfg.val_every == 0:
+                    val = self._val_metrics()
+                if (
+                    self.global_step % tcfg.log_every == 0
+                    or self.global_step == tcfg.max_steps
+                    or val is not None
+                ):
+                    self._log(result, elapsed, data_wait, finite, val)
                 if self.nonfinite_in_row >= tcfg.nonfinite.max_consecutive:
                     self._stop_nonfinite()
                 if stop:
@@ -364,7 +388,14 @@ class Trainer:
                     per_group[group] = None
         self.engine.micro_steps += self.cfg.trainer.grad_accum - micro
 
-    def _log(self, result: StepResult, elapsed: float, data_wait: float, finite: bool) -> None:
+    def _log(
+        self,
+        result: StepResult,
+        elapsed: float,
+        data_wait: float,
+        finite: bool,
+        val: dict[str, float] | None = None,
+    ) -> None:
         stage_index, stage = stage_at(self.cfg.curriculum, self.global_step - 1)
         totals = result.totals(self.device)
         dist.all_reduce(totals)
@@ -403,6 +434,8 @@ class Trainer:
             row["mfu"] = throughput.mfu(
                 self.flops_per_sample, samples_per_s, self.dist.world_size, self.peak_tflops
             )
+        if val:
+            row.update(val)
         if self.metrics is not None:
             self.metrics.log(row)
 
@@ -454,6 +487,38 @@ class Trainer:
         return final
 
     # ----------------------------------------------------------------------------- validate
+    def _val_metrics(self) -> dict[str, float]:
+        """The validation loss of the current weights (on the main rank; {} elsewhere)."""
+        started = time.perf_counter()
+        metrics = self.val_loss.run(self.engine, self.ema)
+        if self.dist.is_main:
+            metrics["val/time_s"] = time.perf_counter() - started
+            tasks = " ".join(
+                f"{task} {metrics[f'val/loss_{task}']:.5f}"
+                for task in VAL_TASKS
+                if f"val/loss_{task}" in metrics
+            )
+            log.info(
+                "step %d: val/loss %.5f (%s)",
+                self.global_step,
+                metrics.get("val/loss", float("nan")),
+                tasks,
+            )
+        return metrics
+
+    def _log_before_training(self, val: dict[str, float]) -> None:
+        """The step-0 validation as a row of its own (there is no training loss yet)."""
+        if self.metrics is None:
+            return
+        _, stage = stage_at(self.cfg.curriculum, 0)
+        row = {"step": 0, "stage": 1, "stage_name": stage.name, **val}
+        # Appended beside the logger's own handle (both append-only, each row flushed whole);
+        # MetricsLogger.log would print a console line that needs the training loss.
+        with open(self.metrics.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
+        if self.metrics.wandb_run is not None:
+            self.metrics.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=0)
+
     def _validate(self) -> None:
         weights = None
         if self.ema is not None and self.cfg.trainer.validation.use_ema:
