@@ -87,3 +87,18 @@ def write_mp4(
             audio_frame.pts = 0
             container.mux(audio_stream.encode(audio_frame))
             container.mux(audio_stream.encode())
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Every frame of a video file as (T, H, W, 3) uint8 RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode video from {path}: {err}") from err
+    if not frames:
+        raise ValueError(f"{path} contains no video frame")
+    return np.stack(frames)
