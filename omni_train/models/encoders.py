@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -9,8 +11,8 @@ from omni_train.models.adapters import build_part
 from omni_train.models.audio_encoder import AudioEncoder
 from omni_train.models.config import ModelConfig, VAEConfig
 from omni_train.models.text_encoder import TextEncoder
-from omni_train.models.vae import CausalVAE
-from omni_train.models.weights import load_strict
+from omni_train.models.vae import CausalVAE, config_for_vae_file
+from omni_train.models.weights import WeightsMismatch, load_strict, read_metadata
 
 
 class FrozenEncoders(nn.Module):
@@ -49,10 +51,29 @@ class FrozenEncoders(nn.Module):
         return self.audio(waveform, num_frames)
 
 
-def _project_vae(cfg: VAEConfig) -> CausalVAE:
-    vae = CausalVAE(cfg)
-    if cfg.pretrained:
-        load_strict(vae, cfg.pretrained, "VAE")
+def build_vae(cfg: VAEConfig) -> CausalVAE:
+    """This project's VAE; a file from omni_train.train_vae also brings its latent shift and
+    scale (used when model.vae leaves them at 0 and 1) and fails early on another shape."""
+    if not cfg.pretrained:
+        return CausalVAE(cfg)
+    path = Path(cfg.pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.vae.pretrained={cfg.pretrained}: no such file; give the vae.safetensors "
+            "written by omni_train.train_vae (or another safetensors state dict of this VAE)"
+        )
+    try:
+        metadata = read_metadata(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable header gets the same message
+        raise ValueError(
+            f"model.vae.pretrained={cfg.pretrained} is not a readable safetensors file ({err})"
+        ) from err
+    try:
+        fitted = config_for_vae_file(cfg, metadata, str(path))
+    except ValueError as err:
+        raise WeightsMismatch(str(err)) from None
+    vae = CausalVAE(fitted)
+    load_strict(vae, path, "VAE")
     return vae
 
 
@@ -62,7 +83,7 @@ def build_frozen_encoders(cfg: ModelConfig) -> FrozenEncoders:
     A part whose config sets ``_target_`` is built by that adapter instead
     (omni_train/models/adapters.py), which loads its own weights.
     """
-    vae = build_part("vae", cfg.vae, _project_vae)
+    vae = build_part("vae", cfg.vae, build_vae)
     text = build_part("text_encoder", cfg.text_encoder, TextEncoder)
     audio = build_part("audio_encoder", cfg.audio_encoder, AudioEncoder)
     return FrozenEncoders(vae, text, audio)

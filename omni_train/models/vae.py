@@ -7,6 +7,8 @@ is what lets long clips be encoded chunk by chunk with a cache of each convoluti
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from itertools import pairwise
 
@@ -254,6 +256,25 @@ class CausalVAE(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    def forward(
+        self, video: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass over whole clips: (reconstruction, posterior mean, posterior logvar).
+
+        The reconstruction decodes a posterior sample (``sample``) or the mean; nothing is
+        scaled. Whole clips, not chunks: the chunk cache would cut gradients between chunks.
+        """
+        check_video_shape(video, self.cfg.in_channels)
+        mean, logvar = self.encoder(video).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean
+        if sample:
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            z = mean + (0.5 * logvar).exp() * noise
+        return self.decoder(z), mean, logvar
+
     def encode(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, C, 1 + (T-1)/4, H/8, W/8)."""
         mean, _ = self.posterior(video)
@@ -309,3 +330,71 @@ def chunk_bounds(length: int, first: int, rest: int) -> list[int]:
     if length <= first:
         return [0, length]
     return [0, *range(first, length, rest), length]
+
+
+# Sizes that shape the weights: a VAE file fits a config only where these agree.
+ARCH_FIELDS = (
+    "in_channels",
+    "latent_channels",
+    "base_channels",
+    "channel_mult",
+    "temporal_down_levels",
+    "num_res_blocks",
+)
+# safetensors metadata keys written by omni_train.train_vae next to the weights.
+META_ARCH = "omni_train.vae.arch"
+META_SCALING = "omni_train.vae.scaling_factor"
+META_SHIFT = "omni_train.vae.shift_factor"
+
+
+def vae_arch(cfg: VAEConfig) -> dict[str, int | list[int]]:
+    return {name: _plain(getattr(cfg, name)) for name in ARCH_FIELDS}
+
+
+def _plain(value):
+    return int(value) if isinstance(value, int) else [int(v) for v in value]
+
+
+def vae_file_metadata(cfg: VAEConfig, shift_factor: float, scaling_factor: float) -> dict[str, str]:
+    """The header of a trained VAE file: its architecture and its latent normalisation."""
+    return {
+        META_ARCH: json.dumps(vae_arch(cfg), sort_keys=True),
+        META_SHIFT: repr(float(shift_factor)),
+        META_SCALING: repr(float(scaling_factor)),
+    }
+
+
+def _override(name: str, value) -> str:
+    text = "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
+    return f"model.vae.{name}={text}"
+
+
+def config_for_vae_file(cfg: VAEConfig, metadata: dict[str, str], source: str) -> VAEConfig:
+    """``cfg`` checked against a VAE file's header, with the file's latent normalisation.
+
+    A file whose architecture differs fails naming the overrides that fit it. The file's
+    shift / scaling factors apply when the config leaves both at their defaults (0 and 1);
+    factors set in the config win.
+    """
+    if META_ARCH not in metadata:
+        return cfg
+    saved = json.loads(metadata[META_ARCH])
+    wanted = vae_arch(cfg)
+    differ = [name for name in ARCH_FIELDS if name in saved and saved[name] != wanted[name]]
+    if differ:
+        lines = [f"  {name}: file {saved[name]}, config {wanted[name]}" for name in differ]
+        fix = " ".join(_override(name, saved[name]) for name in differ)
+        raise ValueError(
+            "\n".join(
+                [f"the VAE in {source} has another architecture than model.vae:", *lines]
+                + [f"set: {fix}"]
+            )
+        )
+    defaults = VAEConfig()
+    if cfg.scaling_factor != defaults.scaling_factor or cfg.shift_factor != defaults.shift_factor:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        scaling_factor=float(metadata.get(META_SCALING, cfg.scaling_factor)),
+        shift_factor=float(metadata.get(META_SHIFT, cfg.shift_factor)),
+    )

@@ -169,3 +169,50 @@ def test_memory_carried_between_chunks_does_not_grow_with_length(vae):
     finally:
         del chunked.decoder.forward
     assert len(seen) == 6 and len(set(seen)) == 1
+
+
+def test_forward_decodes_the_posterior_mean_or_a_seeded_sample():
+    torch.manual_seed(0)
+    model = CausalVAE(VAEConfig(base_channels=4)).eval()
+    video = clip(5, size=16)
+    with torch.no_grad():
+        recon, mean, logvar = model(video, sample=False)
+        expected_mean, expected_logvar = model.posterior(video)
+        assert torch.equal(mean, expected_mean) and torch.equal(logvar, expected_logvar)
+        assert torch.allclose(recon, model.decode(model.encode(video)), atol=1e-6)
+        first, _, _ = model(video, torch.Generator().manual_seed(3))
+        again, _, _ = model(video, torch.Generator().manual_seed(3))
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+        by_hand = model.decoder(mean + (0.5 * logvar).exp() * noise)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, by_hand, atol=1e-6)
+    assert not torch.allclose(first, recon, atol=1e-4)
+
+
+def test_vae_file_metadata_brings_its_normalisation_when_the_config_leaves_defaults():
+    from omni_train.models.vae import config_for_vae_file, vae_file_metadata
+
+    trained = VAEConfig(latent_channels=8, base_channels=8)
+    header = vae_file_metadata(trained, shift_factor=0.25, scaling_factor=2.5)
+    fitted = config_for_vae_file(dataclasses.replace(trained), header, "vae.safetensors")
+    assert (fitted.shift_factor, fitted.scaling_factor) == (0.25, 2.5)
+    mine = dataclasses.replace(trained, scaling_factor=0.5)
+    assert config_for_vae_file(mine, header, "f").scaling_factor == 0.5
+    assert config_for_vae_file(mine, header, "f").shift_factor == 0.0
+    assert config_for_vae_file(trained, {}, "f") == trained  # a plain state dict file
+
+
+def test_vae_file_of_another_architecture_names_the_overrides():
+    from omni_train.models.vae import config_for_vae_file, vae_file_metadata
+
+    header = vae_file_metadata(
+        VAEConfig(latent_channels=8, channel_mult=[1, 2, 4, 4]),
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    with pytest.raises(ValueError) as caught:
+        config_for_vae_file(VAEConfig(), header, "run/vae.safetensors")
+    message = str(caught.value)
+    assert "run/vae.safetensors" in message
+    assert "set: model.vae.latent_channels=8 model.vae.channel_mult=[1,2,4,4]" in message
+    assert "base_channels" not in message

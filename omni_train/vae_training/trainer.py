@@ -1,0 +1,382 @@
+"""The VAE trainer: the denoiser trainer's machinery (DeepSpeed, atomic checkpoints, exact
+resume, W&B, preemption) around the causal VAE and its reconstruction losses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from omni_train.data.stream import build_loader
+from omni_train.models.encoders import build_vae
+from omni_train.models.vae import vae_arch, vae_file_metadata
+from omni_train.models.weights import save_safetensors
+from omni_train.trainer import checkpoint as ckpt
+from omni_train.trainer.distributed import init_distributed
+from omni_train.trainer.ds_config import deepspeed_config
+from omni_train.trainer.lr_schedule import lr_lambda
+from omni_train.trainer.metrics import MetricsLogger, wandb_run_id
+from omni_train.trainer.preemption import PreemptionError, SignalFlag
+from omni_train.trainer.run_state import (
+    ResumePlan,
+    capture_rng,
+    loader_file,
+    plan_resume,
+    read_json,
+    resized_data_seed,
+    restore_rng,
+    rng_file,
+)
+from omni_train.trainer.step import step_seed
+from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
+from omni_train.vae_training.config import TrainVAEConfig
+from omni_train.vae_training.losses import vae_losses
+from omni_train.vae_training.metrics import (
+    fixed_clips,
+    latent_normalisation,
+    reconstruction_scores,
+)
+
+log = logging.getLogger(__name__)
+
+VAE_FILE = "vae.safetensors"
+PREEMPTED_MARKER = "preempted.json"
+LOSS_NAMES = ("loss", "loss_l1", "loss_ssim", "loss_kl")
+
+
+class NonFiniteVAELossError(RuntimeError):
+    """A NaN/Inf loss: no update was applied; the last checkpoint is intact."""
+
+
+def frames_as_images(video: Tensor, per_clip: int, generator: torch.Generator) -> Tensor:
+    """(B, C, T, H, W) -> (B * per_clip, C, 1, H, W): frames drawn from each clip."""
+    batch, _, frames = video.shape[:3]
+    index = torch.randint(frames, (batch, per_clip), generator=generator, device=video.device)
+    picked = video[torch.arange(batch, device=video.device)[:, None], :, index]
+    return picked.flatten(0, 1).unsqueeze(2)
+
+
+class VAEMetricsLogger(MetricsLogger):
+    """The denoiser's metrics sinks with a console line that fits VAE rows."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.progress is not None and self.progress.interactive:
+            self.progress = None  # its bar shows curriculum stages; log lines instead
+
+    def _console_line(self, row: dict[str, Any]) -> str:
+        if "loss" not in row:
+            return f"step {row['step']}: " + " ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val/")
+            )
+        return (
+            f"step {row['step']}/{self.max_steps} loss {row['loss']:.4f} "
+            f"(l1 {row['loss_l1']:.4f} ssim {row['loss_ssim']:.4f} kl {row['loss_kl']:.2f}) "
+            f"lr {row['lr']:.2e} {row['frames_per_s']:.1f} frames/s"
+        )
+
+
+class VAETrainer:
+    def __init__(self, cfg: TrainVAEConfig, resolved: dict[str, Any]) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        tcfg = cfg.trainer
+        self.dist = init_distributed(
+            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
+        )
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resolved = resolved
+        if self.dist.is_main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt.clear_staging(self.ckpt_root):
+                log.warning("removed unfinished checkpoint %s", stale)
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        dist.barrier()
+        self.plan = plan_resume(self.ckpt_root, cfg.seed)
+        resized = self.plan is not None and self.plan.resized(self.dist.world_size)
+        ds_cfg = deepspeed_config(
+            tcfg,
+            cfg.data.batch_size,
+            self.dist.world_size,
+            cuda=self.device.type == "cuda",
+            load_universal=resized,
+        )
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
+
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        # model.vae.pretrained starts from given weights (fine-tuning); "" from random init.
+        vae = build_vae(cfg.model.vae)
+        opt = tcfg.optimizer
+        optimizer = torch.optim.AdamW(
+            vae.parameters(),
+            lr=opt.lr,
+            betas=tuple(opt.betas),
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt, tcfg.max_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=vae, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+        )
+        self.global_step = 0
+        self.data_seed = cfg.seed
+        loader_state = self._resume(self.plan) if self.plan is not None else None
+        self.loader = build_loader(
+            cfg.data,
+            self.dist.rank,
+            self.dist.world_size,
+            self.data_seed,
+            loader_state,
+            grad_accum=tcfg.grad_accum,
+        )
+        recipe = cfg.vae_training
+        self.val_clips: list[Tensor] = []
+        if cfg.data.val_shards:
+            self.val_clips = fixed_clips(cfg.data, cfg.data.val_shards, recipe.val_clips, cfg.seed)
+        self.stat_clips = fixed_clips(cfg.data, cfg.data.shards, recipe.latent_stat_clips, cfg.seed)
+        self.last_scores: dict[str, float] = {}
+        self.metrics = None
+        if self.dist.is_main:
+            self.metrics = VAEMetricsLogger(
+                cfg.logger,
+                self.run_dir,
+                cfg.experiment,
+                resolved,
+                self.global_step,
+                tcfg.max_steps,
+                progress_bar=tcfg.progress_bar,
+            )
+
+    # ----------------------------------------------------------------------------- resume
+    def _resume(self, plan: ResumePlan) -> dict | None:
+        load_dir, resized = self.ckpt_root, plan.resized(self.dist.world_size)
+        if resized:
+            log.warning(
+                "%s was saved by %d ranks, this run has %d: resuming from a universal checkpoint",
+                plan.checkpoint,
+                plan.saved_world_size,
+                self.dist.world_size,
+            )
+            if self.dist.is_main:
+                convert_to_universal(plan.checkpoint, self.run_dir)
+            dist.barrier()
+            load_dir = universal_root(self.run_dir)
+        self.engine.load_checkpoint(
+            str(load_dir),
+            tag=plan.checkpoint.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        self.global_step = plan.step
+        self.data_seed = plan.data_seed
+        log.info("resumed from %s (step %d)", plan.checkpoint, self.global_step)
+        if resized:
+            # Reconstruction does not care which clips come next: a fresh, seeded order.
+            self.data_seed = resized_data_seed(plan.data_seed, plan.step)
+            return None
+        rng = plan.checkpoint / rng_file(self.dist.rank)
+        if rng.is_file():
+            restore_rng(read_json(rng))
+        return read_json(plan.checkpoint / loader_file(self.dist.rank))
+
+    # ----------------------------------------------------------------------------- loop
+    def run(self) -> None:
+        tcfg, recipe = self.cfg.trainer, self.cfg.vae_training
+        batches = iter(self.loader)
+        flag = SignalFlag(tcfg.preemption.signals)
+        try:
+            while self.global_step < tcfg.max_steps:
+                started = time.perf_counter()
+                totals, clips, frames, data_wait, stop = self._train_step(batches, flag)
+                self.global_step += 1
+                elapsed = time.perf_counter() - started
+                if self.global_step % tcfg.log_every == 0 or self.global_step == tcfg.max_steps:
+                    self._log(totals, clips, frames, elapsed, data_wait)
+                if stop:
+                    self._stop_preempted(flag.received)
+                last = self.global_step == tcfg.max_steps
+                every = recipe.val_every
+                if self.val_clips and (last or (every > 0 and self.global_step % every == 0)):
+                    self.validate()
+                if self.global_step % tcfg.save_every == 0 or last:
+                    self.save()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            flag.restore()
+        if self.dist.is_main:
+            log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
+
+    def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(nonfinite), float(signalled)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _train_step(self, batches, flag: SignalFlag) -> tuple[Tensor, int, int, float, bool]:
+        cfg, recipe = self.cfg, self.cfg.vae_training
+        step_index = self.global_step
+        totals = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+        clips = frames = 0
+        data_wait, stop = 0.0, False
+        self.engine.train()
+        for micro in range(cfg.trainer.grad_accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited
+            video = batch["video"].to(self.device)
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
+            if step_index < recipe.image_steps:
+                video = frames_as_images(video, recipe.image_frames, generator)
+            recon, mean, logvar = self.engine(video, generator, recipe.sample_posterior)
+            losses = vae_losses(recon, video, mean, logvar, recipe.loss)
+            bad, stop = self._agree(not bool(torch.isfinite(losses.total)), flag.raised)
+            if bad:
+                raise NonFiniteVAELossError(
+                    f"step {step_index + 1}: the VAE loss is NaN/Inf on some rank; no update "
+                    "was applied. Lower trainer.optimizer.lr or vae_training.loss.kl and "
+                    "restart the same command to resume from the last checkpoint"
+                )
+            self.engine.backward(losses.total)
+            self.engine.step()
+            totals += losses.as_tensor()
+            clips += video.shape[0]
+            frames += video.shape[0] * video.shape[2]
+        return totals / cfg.trainer.grad_accum, clips, frames, data_wait, stop
+
+    def _log(self, totals: Tensor, clips: int, frames: int, elapsed: float, wait: float) -> None:
+        summed = torch.cat([totals, torch.tensor([clips, frames], dtype=torch.float64)])
+        dist.all_reduce(summed)
+        world = self.dist.world_size
+        row: dict[str, Any] = {
+            name: float(v) / world for name, v in zip(LOSS_NAMES, summed[:4], strict=True)
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        row.update(
+            step=self.global_step,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            image_phase=int(self.global_step <= self.cfg.vae_training.image_steps),
+            batch_size=int(summed[4]),
+            samples_per_s=float(summed[4]) / max(elapsed, 1e-9),
+            frames_per_s=float(summed[5]) / max(elapsed, 1e-9),
+            step_time_s=elapsed,
+            data_wait_s=wait,
+        )
+        if self.metrics is not None:
+            self.metrics.log(row)
+
+    def _stop_preempted(self, signal_name: str | None) -> None:
+        saved = self.save(reason="preempted")
+        code = self.cfg.trainer.preemption.exit_code
+        if self.dist.is_main:
+            ckpt.write_json_atomic(
+                self.run_dir / PREEMPTED_MARKER,
+                {"step": self.global_step, "signal": signal_name, "exit_code": code},
+            )
+            log.warning("stopping on %s: saved %s, exiting with %d", signal_name, saved, code)
+        raise PreemptionError(code)
+
+    # ----------------------------------------------------------------------------- evaluate
+    def reconstruct(self, video: Tensor) -> Tensor:
+        """The posterior mean decoded (every rank must call it under ZeRO-3)."""
+        with torch.no_grad():
+            return self.engine(video.to(self.device), None, False)[0]
+
+    def validate(self) -> dict[str, float]:
+        """Held-out PSNR / SSIM, logged at the current step. Every rank scores the same clips
+        (ZeRO-3 needs all of them in each forward); the main rank logs."""
+        self.engine.eval()
+        scores = reconstruction_scores(self.reconstruct, self.val_clips)
+        self.engine.train()
+        self.last_scores = scores
+        if self.metrics is not None:
+            self.metrics.log({"step": self.global_step, **scores})
+        return scores
+
+    def latent_stats(self) -> tuple[float, float]:
+        """(shift, scale) of the posterior means of the fixed training clips."""
+        self.engine.eval()
+        with torch.no_grad():
+            means = [self.engine.module.posterior(c.to(self.device))[0] for c in self.stat_clips]
+        self.engine.train()
+        return latent_normalisation(means)
+
+    # ----------------------------------------------------------------------------- save
+    def save(self, reason: str = "cadence") -> Path:
+        from omni_train.trainer.weights import consolidated_state
+
+        step, rank = self.global_step, self.dist.rank
+        staging = ckpt.staging_dir(self.ckpt_root, step)
+        if self.dist.is_main:
+            ckpt.clear_staging(self.ckpt_root)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=staging.name, save_latest=False)
+        ckpt.write_json_atomic(staging / loader_file(rank), self.loader.state_dict())
+        ckpt.write_json_atomic(staging / rng_file(rank), capture_rng())
+        shift, scale = self.latent_stats()
+        state = consolidated_state(self.engine, self.dist.is_main)
+        final = staging.with_name(ckpt.checkpoint_name(step))
+        if self.dist.is_main:
+            metadata = vae_file_metadata(self.cfg.model.vae, shift, scale)
+            save_safetensors(state, staging / VAE_FILE, metadata=metadata)
+            (staging / "config.yaml").write_text(OmegaConf.to_yaml(self.resolved))
+            meta = {
+                "step": step,
+                "world_size": self.dist.world_size,
+                "zero_stage": self.cfg.trainer.zero_stage,
+                "data_seed": self.data_seed,
+                "latent_shift": shift,
+                "latent_scale": scale,
+                "reason": reason,
+                "time": time.time(),
+                **{k.replace("/", "_"): v for k, v in self.last_scores.items()},
+            }
+            if self.cfg.logger.wandb.enabled:
+                meta["wandb_run_id"] = wandb_run_id(self.run_dir)
+            final = ckpt.publish(staging, meta)
+            for old in ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last):
+                log.info("removed old checkpoint %s", old)
+            clear_universal(self.run_dir)
+            log.info("saved checkpoint %s", final)
+            if step == self.cfg.trainer.max_steps:
+                self._publish_result(final, shift, scale)
+        dist.barrier()
+        return final
+
+    def _publish_result(self, checkpoint: Path, shift: float, scale: float) -> None:
+        """run_dir/vae.safetensors (the end product) and how to use it."""
+        target = self.run_dir / VAE_FILE
+        tmp = target.with_name(f".{VAE_FILE}.tmp")
+        shutil.copyfile(checkpoint / VAE_FILE, tmp)
+        tmp.replace(target)
+        defaults = vae_arch(type(self.cfg.model.vae)())
+        overrides = [
+            f"model.vae.{name}={json.dumps(value).replace(' ', '')}"
+            for name, value in vae_arch(self.cfg.model.vae).items()
+            if value != defaults[name]
+        ]
+        scores = " ".join(f"{k} {v:.4f}" for k, v in self.last_scores.items() if k != "val/frames")
+        log.info(
+            "wrote %s (latent shift %.4f, scale %.4f, applied by model.vae.pretrained when "
+            "model.vae.scaling_factor / shift_factor are left at 1 / 0)%s\n  use it: %s",
+            target,
+            shift,
+            scale,
+            f"; held-out {scores}" if scores else "",
+            " ".join([f"model.vae.pretrained={target}", *overrides]),
+        )
