@@ -27,23 +27,10 @@ STEPS = 12
 def _measure(overrides: list[str]) -> dict:
     import torch.distributed as dist
 
-    from omni_train.testing import compose_train_config
-    from omni_train.trainer.trainer import Trainer
+    from omni_train.testing import train_timed
     from omni_train.trainer.universal import convert_to_universal
 
-    cfg, resolved = compose_train_config(overrides)
-    trainer = Trainer(cfg, resolved)
-    times = []
-    original = trainer._train_step
-
-    def timed(batches, flag):
-        started = time.perf_counter()
-        out = original(batches, flag)
-        times.append(time.perf_counter() - started)
-        return out
-
-    trainer._train_step = timed
-    trainer.run()
+    trainer, times = train_timed(overrides)
     started = time.perf_counter()
     saved = trainer.save()
     save_s = time.perf_counter() - started
@@ -53,7 +40,7 @@ def _measure(overrides: list[str]) -> dict:
         trainer._agree(False, False)
         agree.append(time.perf_counter() - started)
     started = time.perf_counter()
-    convert_to_universal(saved, Path(cfg.run_dir))
+    convert_to_universal(saved, trainer.run_dir)
     convert_s = time.perf_counter() - started
     dist.destroy_process_group()
     return {

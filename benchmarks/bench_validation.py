@@ -30,22 +30,9 @@ VAL_EVERY = 1000
 def _measure(overrides: list[str]) -> dict:
     import torch.distributed as dist
 
-    from omni_train.testing import compose_train_config
-    from omni_train.trainer.trainer import Trainer
+    from omni_train.testing import train_timed
 
-    cfg, resolved = compose_train_config(overrides)
-    trainer = Trainer(cfg, resolved)
-    times = []
-    original = trainer._train_step
-
-    def timed(batches, flag):
-        started = time.perf_counter()
-        out = original(batches, flag)
-        times.append(time.perf_counter() - started)
-        return out
-
-    trainer._train_step = timed
-    trainer.run()
+    trainer, times = train_timed(overrides)
     val_times, metrics = [], {}
     for _ in range(EVALUATIONS):
         started = time.perf_counter()

@@ -131,3 +131,27 @@ def train_in_rank(overrides: Sequence[str]) -> int:
     trainer.run()
     dist.destroy_process_group()
     return trainer.global_step
+
+
+def train_timed(overrides: Sequence[str]) -> tuple[Any, list[float]]:
+    """Train `omni_train.train OVERRIDES` in this (forked) rank, timing every step.
+
+    Returns the Trainer (its process group still up, for more measurements) and the seconds
+    of each training step. For benchmarks, under ``run_ranks``.
+    """
+    from omni_train.trainer.trainer import Trainer
+
+    cfg, resolved = compose_train_config(list(overrides))
+    trainer = Trainer(cfg, resolved)
+    times: list[float] = []
+    original = trainer._train_step
+
+    def timed(batches, flag):
+        started = time.perf_counter()
+        out = original(batches, flag)
+        times.append(time.perf_counter() - started)
+        return out
+
+    trainer._train_step = timed
+    trainer.run()
+    return trainer, times

@@ -45,7 +45,7 @@ def elastic_loader_state(
             f"{old.world_size} ranks: pass every loader_rank*.json of the checkpoint"
         )
     for s in states:
-        for name in ("seed", "world_size", "num_workers", "num_shards"):
+        for name in ("seed", "world_size", "num_workers", "num_shards", "val_holdout"):
             if getattr(s, name) != getattr(old, name):
                 raise ValueError(
                     f"loader states disagree on {name} ({getattr(s, name)} vs "
@@ -82,5 +82,7 @@ def elastic_loader_state(
         workers=[ConsumerPosition() for _ in range(workers)],
         handover=handover,
         corrupt_before=sum(s.corrupt_skipped for s in states) if rank == 0 else 0,
+        # Kept as saved: build_loader refuses a run with another data.val_holdout.
+        val_holdout=old.val_holdout,
     )
     return new.to_dict()

@@ -101,7 +101,7 @@ class MixedBatches:
         self.cfg = cfg
         self.buckets = cfg.bucket_list()
         self.seed, self.consumer = seed, consumer
-        index = ShardIndex()
+        index = ShardIndex(cfg.val_holdout)  # shared by the sources' plans
         self.plans = [
             ConsumerPlan(
                 shards,

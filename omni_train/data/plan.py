@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_train.data.shards import SampleRef, index_shard
+from omni_train.data.shards import SampleRef, held_out, index_shard
 
 # Epoch tag of tail samples (decode randomness is seeded by it); real epochs count from 0.
 TAIL_EPOCH = 2**31
@@ -52,14 +52,21 @@ def shuffled(items: Iterator[SampleRef], buffer_size: int, rng: np.random.Genera
 
 
 class ShardIndex:
-    """Tar-header indexes of shards, built once per shard and shared by every plan."""
+    """Tar-header indexes of shards, built once per shard and shared by every plan.
 
-    def __init__(self) -> None:
+    ``holdout`` (data.val_holdout) leaves that keyed share of the samples out of every index,
+    so no plan built on it (epoch sizes, tails, resumed positions) ever sees them.
+    """
+
+    def __init__(self, holdout: float = 0.0) -> None:
+        self.holdout = holdout
         self._refs: dict[str, list[SampleRef]] = {}
 
     def refs(self, shard: str) -> list[SampleRef]:
         if shard not in self._refs:
-            self._refs[shard] = index_shard(shard)
+            self._refs[shard] = [
+                ref for ref in index_shard(shard) if not held_out(ref.key, self.holdout)
+            ]
         return self._refs[shard]
 
 

@@ -38,13 +38,7 @@ from omni_train.data.plan import (
     consumer_shards,
     resolve_split,
 )
-from omni_train.data.shards import (
-    LATENT_MEMBERS,
-    SampleRef,
-    held_out,
-    read_sample,
-    shard_list,
-)
+from omni_train.data.shards import LATENT_MEMBERS, read_sample, shard_list
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +50,6 @@ __all__ = [
     "ConsumerPosition",
     "LoaderState",
     "ResumableLoader",
-    "TrainingIndex",
     "build_loader",
     "consumer_shards",
     "shard_list",
@@ -171,24 +164,6 @@ class LoaderState:
             )
 
 
-# ----------------------------------------------------------------------------- hold-out
-class TrainingIndex(ShardIndex):
-    """Shard indexes without the held-out share (data.val_holdout): every plan built on it,
-    hence every consumer, epoch size, tail and resumed position, never sees those samples."""
-
-    def __init__(self, holdout: float) -> None:
-        super().__init__()
-        self.holdout = holdout
-        self._kept: dict[str, list[SampleRef]] = {}
-
-    def refs(self, shard: str) -> list[SampleRef]:
-        if shard not in self._kept:
-            self._kept[shard] = [
-                ref for ref in super().refs(shard) if not held_out(ref.key, self.holdout)
-            ]
-        return self._kept[shard]
-
-
 # ----------------------------------------------------------------------------- one consumer
 def _key_words(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
@@ -219,7 +194,7 @@ class ConsumerStream:
             consumer,
             num_consumers,
             handover,
-            index=TrainingIndex(cfg.val_holdout),
+            index=ShardIndex(cfg.val_holdout),
             split=split,
         )
         self.shards = self.plan.shards
@@ -346,10 +321,6 @@ class _RankBatches(IterableDataset):
                 asdict(self.positions[worker]),
                 replace(self.schedule, worker=worker, workers=workers),
             )
-            # The sources' plans share one index; this one leaves the held-out share out.
-            index = TrainingIndex(self.cfg.val_holdout)
-            for plan in mixed.plans:
-                plan.index = index
             for batch, position in mixed:
                 batch["_worker"] = worker
                 batch["_position"] = position
@@ -464,7 +435,7 @@ def _check_source(name: str, shards: list[str], cfg: DataConfig, ranks: int, wor
             "(data_pipelines.shard max_samples_per_shard) or lower data.num_workers"
         )
     if split == "sample":
-        index = TrainingIndex(cfg.val_holdout)
+        index = ShardIndex(cfg.val_holdout)
         total = sum(len(index.refs(shard)) for shard in shards)  # few shards: headers only
         if total < consumers:
             raise ValueError(

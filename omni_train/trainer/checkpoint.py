@@ -18,6 +18,8 @@ from typing import Any
 from omni_train.models.weights import fsync_directory
 
 COMPLETE_MARKER = "complete.json"
+# Meta key of a checkpoint that prune() keeps whatever keep_last says.
+PINNED = "pinned"
 _FINAL = re.compile(r"^step_(\d{8,})$")
 _STAGING_PREFIX = ".staging_"
 
@@ -89,10 +91,15 @@ def publish(staging: Path, meta: dict[str, Any]) -> Path:
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps everything)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps everything).
+
+    Pinned checkpoints (meta ``"pinned": true``, e.g. trainer.save_at_start's step 0) are
+    never deleted and do not count among the ``keep_last``.
+    """
     if keep_last <= 0:
         return []
-    doomed = [path for _, path in complete_checkpoints(root)[:-keep_last]]
+    prunable = [path for _, path in complete_checkpoints(root) if not read_meta(path).get(PINNED)]
+    doomed = prunable[:-keep_last]
     for path in doomed:
         # Drop the marker first so a half-deleted folder can never be mistaken for complete.
         (path / COMPLETE_MARKER).unlink(missing_ok=True)

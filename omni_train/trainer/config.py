@@ -67,7 +67,9 @@ class ProfilerConfig:
 class ValidationConfig:
     # Every N steps (0 = never) sample short clips from fixed inputs and log them.
     every: int = 0
-    # Inputs: "" = the first num_clips clips of the training shards (fixed by the seed).
+    # Inputs: none given = the first num_clips held-out clips of the validation loss (with
+    # their windows) when data.val_shards or data.val_holdout gives some, else the first
+    # num_clips clips of the training shards (fixed by the seed).
     ref_images: list[str] = field(default_factory=list)
     audio: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
@@ -109,6 +111,10 @@ class TrainerConfig:
     save_every: int = 1_000
     log_every: int = 1
     keep_last: int = 3
+    # On a fresh start (no checkpoint to resume), save the untrained weights as step 0 before
+    # the first update: a complete checkpoint like any other (resumable, sampleable), never
+    # pruned by keep_last and not saved again by a resumed run.
+    save_at_start: bool = False
     zero_stage: int = 2
     # ZeRO offload: "none" or "cpu" ("nvme" needs offload_nvme_path). Optimizer offload works
     # with ZeRO 1-3, parameter offload with ZeRO-3 only.

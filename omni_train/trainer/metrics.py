@@ -92,11 +92,16 @@ class MetricsLogger:
         )
         self.wandb_dir = Path(self.wandb_run.dir).parent
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log_values(self, row: dict[str, Any]) -> None:
+        """``row`` (with its ``step``) to metrics.jsonl and W&B only: no console line, so it
+        needs none of the training keys (e.g. the step-0 validation before any update)."""
         self._file.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.log_values(row)
         if self.progress is not None and self.progress.interactive:
             self.progress.update(row)
             return

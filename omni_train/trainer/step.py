@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -104,12 +104,77 @@ def pose_heatmaps(keypoints: torch.Tensor, height: int, width: int, sigma: float
     return keypoint_heatmaps(keypoints, height, width, sigma).permute(0, 2, 1, 3, 4)
 
 
+@dataclass
+class ModelInputs:
+    """A batch's model inputs from the frozen encoders (or precomputed in the shards)."""
+
+    x0: torch.Tensor
+    ref_latents: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    audio: torch.Tensor
+    heatmaps: torch.Tensor
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
+        """A copy with ``fn`` applied to every tensor."""
+        return ModelInputs(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def conditions(self) -> dict[str, torch.Tensor]:
+        """The condition keyword arguments of flow_matching_loss (and of the denoiser)."""
+        return {
+            "text": self.text,
+            "text_mask": self.text_mask,
+            "ref_latents": self.ref_latents,
+            "audio_features": self.audio,
+            "pose_heatmaps": self.heatmaps,
+        }
+
+
 def _latents(encoders, batch: Mapping, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip and reference latents: precomputed ones (data.precomputed) or VAE-encoded."""
     if "latents" in batch:
         return batch["latents"].to(device), batch["ref_latents"].to(device)
     video = batch["video"].to(device)
     return encoders.encode_video(video), encoders.encode_video(batch["ref"].to(device)[:, :, None])
+
+
+def model_inputs(
+    encoders,
+    batch: Mapping,
+    device: torch.device,
+    pose_sigma: float,
+    audio_on: bool,
+    pose_on: bool,
+) -> ModelInputs:
+    """The inputs of the flow-matching loss for a collated batch (training and validation).
+
+    ``audio_on`` / ``pose_on``: whether any sample of the batch has that condition on; when
+    none has, audio is not encoded (zeros) and keypoints are zeroed, since the model sees its
+    learned nulls for them anyway.
+    """
+    x0, ref_latents = _latents(encoders, batch, device)
+    batch_size, _, latent_count, latent_h, latent_w = x0.shape
+    num_frames = pixel_frames(latent_count)
+    height, width = latent_h * SPATIAL_FACTOR, latent_w * SPATIAL_FACTOR
+    if "text_embeddings" in batch:  # precomputed by data_pipelines.encode
+        text = batch["text_embeddings"].to(device)
+        text_mask = batch["text_mask"].to(device)
+    else:
+        text, text_mask = encoders.encode_text(list(batch["captions"]))
+    # Every module runs on every rank even when a condition is off for the whole micro-batch
+    # (inactive samples see learned nulls): ZeRO's gradient reduction expects the same
+    # parameters to produce gradients everywhere.
+    if "audio_features" in batch:
+        audio = batch["audio_features"].to(device)
+    elif audio_on:
+        audio = encoders.encode_audio(batch["audio"].to(device), num_frames)
+    else:
+        audio = torch.zeros(batch_size, num_frames, encoders.audio.dim, device=device)
+    keypoints = batch["keypoints"].to(device)
+    if not pose_on:
+        keypoints = torch.zeros_like(keypoints)
+    heatmaps = pose_heatmaps(keypoints, height, width, pose_sigma)
+    return ModelInputs(x0, ref_latents, text, text_mask, audio, heatmaps)
 
 
 def compute_loss(
@@ -132,43 +197,20 @@ def compute_loss(
     # A clip without an audio track cannot train audio, whatever its tag says.
     active["audio"] = active["audio"] & batch["has_audio"].to(device)
 
-    x0, ref_latents = _latents(encoders, batch, device)
-    batch_size, _, latent_count, latent_h, latent_w = x0.shape
-    num_frames = pixel_frames(latent_count)
-    height, width = latent_h * SPATIAL_FACTOR, latent_w * SPATIAL_FACTOR
-    if "text_embeddings" in batch:  # precomputed by data_pipelines.encode
-        text = batch["text_embeddings"].to(device)
-        text_mask = batch["text_mask"].to(device)
-    else:
-        text, text_mask = encoders.encode_text(list(batch["captions"]))
-    # Every module runs on every rank even when a condition is off for the whole micro-batch
-    # (inactive samples see learned nulls): ZeRO's gradient reduction expects the same
-    # parameters to produce gradients everywhere.
-    if "audio_features" in batch:
-        audio = batch["audio_features"].to(device)
-    elif bool(active["audio"].any()):
-        audio = encoders.encode_audio(batch["audio"].to(device), num_frames)
-    else:
-        audio = torch.zeros(batch_size, num_frames, encoders.audio.dim, device=device)
-    keypoints = batch["keypoints"].to(device)
-    if not bool(active["pose"].any()):
-        keypoints = torch.zeros_like(keypoints)
-    heatmaps = pose_heatmaps(keypoints, height, width, pose_sigma)
-
+    inputs = model_inputs(
+        encoders,
+        batch,
+        device,
+        pose_sigma,
+        audio_on=bool(active["audio"].any()),
+        pose_on=bool(active["pose"].any()),
+    )
+    x0 = inputs.x0
+    batch_size = x0.shape[0]
     t = sample_timesteps(diffusion_cfg, batch_size, generator, device)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
     per_sample = flow_matching_loss(
-        model,
-        x0,
-        noise,
-        t,
-        num_motion_latents,
-        text=text,
-        text_mask=text_mask,
-        ref_latents=ref_latents,
-        audio_features=audio,
-        pose_heatmaps=heatmaps,
-        active=active,
+        model, x0, noise, t, num_motion_latents, active=active, **inputs.conditions()
     )
     flags = {c: active[c].cpu().numpy() for c in CONDITIONS}
     tasks = [task_of({c: bool(flags[c][i]) for c in CONDITIONS}) for i in range(batch_size)]

@@ -53,6 +53,8 @@ CURRICULUM_FILE = "curriculum_counts.json"
 log = logging.getLogger(__name__)
 
 PREEMPTED_MARKER = "preempted.json"
+# Reason of trainer.save_at_start's step-0 checkpoint, which pruning keeps.
+START_REASON = "start"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -239,8 +241,8 @@ class Trainer:
         batches = iter(self.loader)
         flag = SignalFlag(tcfg.preemption.signals)
         try:
-            if self.val_loss is not None and tcfg.val_at_start and self.global_step == 0:
-                self._log_before_training(self._val_metrics())
+            if self.plan is None:  # a fresh start; a resumed run did this before its save
+                self._before_first_update()
             while self.global_step < tcfg.max_steps:
                 started = time.perf_counter()
                 with self.profiler.step(self.global_step):
@@ -273,6 +275,13 @@ class Trainer:
             flag.restore()
         if self.dist.is_main:
             log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
+
+    def _before_first_update(self) -> None:
+        tcfg = self.cfg.trainer
+        if self.val_loss is not None and tcfg.val_at_start:
+            self._log_before_training(self._val_metrics())
+        if tcfg.save_at_start:
+            self.save(reason=START_REASON)
 
     def _after_update(self, finite: bool) -> None:
         if finite:
@@ -474,6 +483,7 @@ class Trainer:
                 "nonfinite_skipped": self.nonfinite_total,
                 "ema": self.ema is not None,
                 "reason": reason,
+                ckpt.PINNED: reason == START_REASON,
                 "time": time.time(),
             }
             if self.cfg.logger.wandb.enabled:
@@ -511,13 +521,7 @@ class Trainer:
         if self.metrics is None:
             return
         _, stage = stage_at(self.cfg.curriculum, 0)
-        row = {"step": 0, "stage": 1, "stage_name": stage.name, **val}
-        # Appended beside the logger's own handle (both append-only, each row flushed whole);
-        # MetricsLogger.log would print a console line that needs the training loss.
-        with open(self.metrics.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
-        if self.metrics.wandb_run is not None:
-            self.metrics.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=0)
+        self.metrics.log_values({"step": 0, "stage": 1, "stage_name": stage.name, **val})
 
     def _validate(self) -> None:
         weights = None

@@ -46,12 +46,11 @@ from omni_train.data.shards import (
     read_sample,
     shard_list,
 )
-from omni_train.data.stream import pad_text
+from omni_train.data.stream import collate
 from omni_train.diffusion.config import TIMESTEP_SAMPLINGS, DiffusionConfig
 from omni_train.diffusion.flow import _T_EPS, flow_matching_loss, shift_timesteps
-from omni_train.models.vae import SPATIAL_FACTOR, pixel_frames
 from omni_train.trainer.config import VAL_TASKS, ValLossConfig
-from omni_train.trainer.step import pose_heatmaps
+from omni_train.trainer.step import ModelInputs, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +226,17 @@ def decode_val_sample(ref: SampleRef, data: DataConfig, seed: int) -> dict:
     return decode_sample(read_sample(ref), data, rng)
 
 
+def held_out_samples(data: DataConfig, count: int, seed: int) -> list[dict]:
+    """The decoded windows of the first ``count`` validation clips (corrupt ones skipped)."""
+    samples = []
+    for ref in select_val_refs(data, count):
+        try:
+            samples.append(decode_val_sample(ref, data, seed))
+        except CorruptSample as err:
+            log.warning("validation sample %s skipped: %s", ref.key, err)
+    return samples
+
+
 @dataclass
 class ClipInputs:
     """One clip's model inputs (batch of one, on the CPU) and what decides its tasks."""
@@ -234,47 +244,25 @@ class ClipInputs:
     key: str
     quality: dict[str, str]
     has_audio: bool
-    x0: torch.Tensor
-    ref_latents: torch.Tensor
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    audio: torch.Tensor
-    heatmaps: torch.Tensor
+    inputs: ModelInputs
 
 
 @torch.no_grad()
 def encode_clip(sample: dict, encoders, device: torch.device, pose_sigma: float) -> ClipInputs:
-    """The frozen encoders' outputs for one decoded sample (raw or precomputed)."""
-    if "latents" in sample:
-        x0 = sample["latents"][None].to(device)
-        ref_latents = sample["ref_latents"][None].to(device)
-    else:
-        x0 = encoders.encode_video(sample["video"][None].to(device))
-        ref_latents = encoders.encode_video(sample["ref"][None, :, None].to(device))
-    num_frames = pixel_frames(x0.shape[2])
-    height, width = x0.shape[3] * SPATIAL_FACTOR, x0.shape[4] * SPATIAL_FACTOR
-    if "text_embeddings" in sample:
-        text, text_mask = pad_text([sample["text_embeddings"]], [sample["key"]])
-    else:
-        text, text_mask = encoders.encode_text([sample["caption"]])
-    if "audio_features" in sample:
-        audio = sample["audio_features"][None]
-    elif sample["has_audio"]:
-        audio = encoders.encode_audio(sample["audio"][None].to(device), num_frames)
-    else:
-        audio = torch.zeros(1, num_frames, encoders.audio.dim)
-    heatmaps = pose_heatmaps(sample["keypoints"][None].to(device), height, width, pose_sigma)
-    return ClipInputs(
-        key=sample["key"],
-        quality={c: str(sample["quality"].get(c, "none")) for c in CONDITIONS},
-        has_audio=bool(sample["has_audio"]),
-        x0=x0.float().cpu(),
-        ref_latents=ref_latents.float().cpu(),
-        text=text.float().cpu(),
-        text_mask=text_mask.cpu(),
-        audio=audio.float().cpu(),
-        heatmaps=heatmaps.float().cpu(),
+    """The frozen encoders' outputs for one decoded sample (raw or precomputed), prepared as
+    the training step prepares a batch (omni_train.trainer.step.model_inputs)."""
+    quality = {c: str(sample["quality"].get(c, "none")) for c in CONDITIONS}
+    has_audio = bool(sample["has_audio"])
+    inputs = model_inputs(
+        encoders,
+        collate([sample]),
+        device,
+        pose_sigma,
+        audio_on=usable("audio", quality, has_audio),
+        pose_on=usable("pose", quality, has_audio),
     )
+    cached = inputs.apply(lambda t: t.cpu() if t.dtype == torch.bool else t.float().cpu())
+    return ClipInputs(sample["key"], quality, has_audio, cached)
 
 
 def _repeat(tensor: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
@@ -294,18 +282,15 @@ def clip_losses(
     count = len(timesteps)
     flags = task_active(task, clip.quality, clip.has_audio)
     active = {c: torch.full((count,), flags[c], dtype=torch.bool, device=device) for c in flags}
+    inputs = clip.inputs.apply(lambda t: _repeat(t, count, device))
     return flow_matching_loss(
         model,
-        _repeat(clip.x0, count, device),
+        inputs.x0,
         noise.to(device),
         timesteps.to(device),
         0,
-        text=_repeat(clip.text, count, device),
-        text_mask=_repeat(clip.text_mask, count, device),
-        ref_latents=_repeat(clip.ref_latents, count, device),
-        audio_features=_repeat(clip.audio, count, device),
-        pose_heatmaps=_repeat(clip.heatmaps, count, device),
         active=active,
+        **inputs.conditions(),
     ).double()
 
 
@@ -400,7 +385,9 @@ class ValLoss:
         return encode_clip(sample, self.encoders, self.device, self.data.pose_sigma)
 
     def _noise(self, clip: ClipInputs) -> torch.Tensor:
-        return fixed_noise(clip.x0.shape[1:], self.cfg.noise_seed, clip.key, self.cfg.timesteps)
+        return fixed_noise(
+            clip.inputs.x0.shape[1:], self.cfg.noise_seed, clip.key, self.cfg.timesteps
+        )
 
     def local_evaluations(
         self, model: Callable[..., torch.Tensor], forwards: int | None = None

@@ -1,7 +1,9 @@
 """Validation during training: sample short clips from fixed inputs every N steps.
 
-The inputs are fixed for the whole run (given files, or the first clips of the training
-shards in the seeded order), so the clips of successive steps show how the model moves.
+The inputs are fixed for the whole run (given files; else the first held-out clips the
+validation loss uses, when data.val_shards or data.val_holdout gives some; else the first
+clips of the training shards in the seeded order), so the clips of successive steps show how
+the model moves.
 The main rank samples with a plain copy of the denoiser built from the consolidated (or
 EMA) weights; other ranks only take part in gathering them.
 """
@@ -16,6 +18,7 @@ import torch
 
 from omni_train.config import TrainConfig
 from omni_train.trainer.distributed import DistInfo
+from omni_train.trainer.val_loss import held_out_samples, val_source
 from omni_train.trainer.weights import consolidated_state
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ class Validator:
                 )
                 for i, (ref, audio) in enumerate(zip(vcfg.ref_images, vcfg.audio, strict=True))
             ]
+        elif val_source(data):
+            samples = held_out_samples(data, vcfg.num_clips, self.cfg.trainer.val_loss.noise_seed)
+            self._inputs = [(s["ref"][None], s["audio"], s["caption"]) for s in samples]
         else:
             from omni_train.data.stream import build_loader
 

@@ -11,7 +11,9 @@ import pytest
 from omni_train.data import DataConfig, build_loader
 from omni_train.data.config import SourceConfig
 from omni_train.data.elastic import elastic_loader_state
-from omni_train.data.shards import held_out
+from omni_train.data.mix import MixedBatches
+from omni_train.data.plan import ShardIndex
+from omni_train.data.shards import held_out, shard_list
 
 SHARE = 0.25
 
@@ -95,6 +97,43 @@ def test_a_change_of_world_size_keeps_the_share_out(corpus):
     resumed = build_loader(cfg, 0, 1, seed=3, state=elastic_loader_state(saved, 0, 1, cfg))
     assert not held & set(_keys(resumed, 20))
     assert resumed.state_dict()["val_holdout"] == SHARE
+
+
+def test_a_change_of_world_size_refuses_another_share_like_the_same_size_resume(corpus):
+    cfg, other = _cfg(corpus.pattern), _cfg(corpus.pattern, val_holdout=0.1)
+    loaders = [build_loader(cfg, rank, 2, seed=3) for rank in range(2)]
+    for loader in loaders:
+        _keys(loader, 1)
+    saved = [loader.state_dict() for loader in loaders]
+    state = elastic_loader_state(saved, 0, 1, other)
+    assert state["val_holdout"] == SHARE  # the saved share, not the new run's
+    with pytest.raises(ValueError, match="data.val_holdout=0.25 and this run has 0.1"):
+        build_loader(other, 0, 1, seed=3, state=state)
+    saved[1] = {**saved[1], "val_holdout": 0.1}
+    with pytest.raises(ValueError, match=r"disagree on val_holdout \(0.1 vs 0.25\)"):
+        elastic_loader_state(saved, 0, 1, cfg)
+
+
+def test_the_shard_index_leaves_the_share_out_for_every_plan_built_on_it(corpus):
+    held = _expected_held(corpus.keys, SHARE)
+    shards = shard_list(corpus.pattern)
+    every = [ref.key for shard in shards for ref in ShardIndex().refs(shard)]
+    assert sorted(every) == sorted(corpus.keys)
+    kept = [ref.key for shard in shards for ref in ShardIndex(SHARE).refs(shard)]
+    assert kept == [key for key in every if key not in held]
+    # A mix builds its own index from the config: nothing to patch in afterwards.
+    cfg = _cfg(
+        "",
+        sources=[
+            SourceConfig("a", f"{corpus.root}/shard-00000[0-3].tar", 1.0),
+            SourceConfig("b", f"{corpus.root}/shard-00000[4-7].tar", 1.0),
+        ],
+    )
+    sources = [shard_list(source.shards) for source in cfg.source_list()]
+    mixed = MixedBatches(cfg, sources, 3, 0, 1, {}, lambda _: [1.0, 1.0])
+    assert sum(plan.epoch_size for plan in mixed.plans) == len(kept)
+    seen = [k for batch, _ in itertools.islice(iter(mixed), 20) for k in batch["keys"]]
+    assert set(seen) == set(kept)
 
 
 def test_mixed_sources_leave_the_share_out(corpus):

@@ -3,11 +3,11 @@ from __future__ import annotations
 from omni_train.trainer import checkpoint as ckpt
 
 
-def _save(root, step, payload="x"):
+def _save(root, step, payload="x", **meta):
     staging = ckpt.staging_dir(root, step)
     staging.mkdir(parents=True)
     (staging / "weights.bin").write_text(payload)
-    return ckpt.publish(staging, {"step": step})
+    return ckpt.publish(staging, {"step": step, **meta})
 
 
 def test_only_published_checkpoints_are_found_newest_last(tmp_path):
@@ -46,6 +46,17 @@ def test_prune_keeps_the_newest(tmp_path):
     assert [p.name for p in removed] == ["step_00000001", "step_00000002"]
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
     assert ckpt.prune(tmp_path, keep_last=0) == []
+
+
+def test_prune_never_deletes_a_pinned_checkpoint_nor_counts_it(tmp_path):
+    _save(tmp_path, 0, pinned=True)  # trainer.save_at_start's untrained weights
+    for step in (3, 6, 9):
+        _save(tmp_path, step, pinned=False)
+    removed = ckpt.prune(tmp_path, keep_last=1)
+    assert [p.name for p in removed] == ["step_00000003", "step_00000006"]
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [0, 9]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000009"
+    assert ckpt.prune(tmp_path, keep_last=1) == []
 
 
 def test_no_checkpoint_in_missing_folder(tmp_path):

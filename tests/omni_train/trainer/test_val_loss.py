@@ -397,3 +397,74 @@ def test_precomputed_shards_give_the_loss_of_their_stored_latents(tmp_path):
         hand.append(float((noise - x0).square().mean()))
     assert out["val/count_text"] == len(hand) == 4
     assert out["val/loss_text"] == pytest.approx(np.mean(hand), rel=1e-5)
+
+
+def test_validation_sees_the_inputs_a_training_step_would_give_the_model(
+    shards, prepared, monkeypatch
+):
+    # The same decoded clip, once through the training step's compute_loss (a batch of one
+    # with the task's masks) and once through the validation loss: every active condition's
+    # input, the clean latents and the masks reach the loss identically.
+    import omni_train.trainer.step as step_module
+    import omni_train.trainer.val_loss as val_module
+    from omni_train.data.stream import collate
+    from omni_train.trainer.val_loss import clip_losses, encode_clip
+
+    cfg, encoders, _ = prepared
+    seen: list[dict] = []
+
+    def record(model, x0, noise, t, num_motion_latents, **cond):
+        seen.append({"x0": x0[:1], **{k: v[:1] for k, v in cond.items() if k != "active"}})
+        seen[-1]["active"] = {c: bool(v[0]) for c, v in cond["active"].items()}
+        return torch.zeros(len(x0))
+
+    monkeypatch.setattr(step_module, "flow_matching_loss", record)
+    monkeypatch.setattr(val_module, "flow_matching_loss", record)
+    inputs_of = {"text": "text", "ref": "ref_latents", "audio": "audio_features"}
+    inputs_of["pose"] = "pose_heatmaps"
+    device, sigma = torch.device("cpu"), cfg.data.pose_sigma
+    compared = 0
+    for ref in select_val_refs(cfg.data, 4):
+        sample = decode_val_sample(ref, cfg.data, cfg.trainer.val_loss.noise_seed)
+        clip = encode_clip(sample, encoders, device, sigma)
+        for task in clip_tasks(clip.quality, clip.has_audio, ["text", "audio", "pose"]):
+            flags = task_active(task, clip.quality, clip.has_audio)
+            masks = {c: np.array([flags[c]]) for c in flags}
+            generator = torch.Generator().manual_seed(0)
+            seen.clear()
+            step_module.compute_loss(
+                None, encoders, collate([sample]), masks, 0, cfg.diffusion, generator, device, sigma
+            )
+            clip_losses(None, clip, task, torch.full((2,), 0.5), torch.zeros(2, 1), device)
+            trained, validated = seen
+            assert trained["active"] == validated["active"] == flags
+            assert torch.equal(trained["x0"], validated["x0"])
+            assert torch.equal(trained["text_mask"], validated["text_mask"])
+            for cond, name in inputs_of.items():
+                if flags[cond]:
+                    assert torch.equal(trained[name], validated[name]), (ref.key, task, name)
+            compared += 1
+    assert compared == 10
+
+
+@pytest.mark.parametrize("held", ["val_shards", "val_holdout"])
+def test_sampled_validation_clips_come_from_the_held_out_clips(shards, tmp_path, held):
+    from omni_train.trainer.validation import Validator
+
+    source = f"data.val_shards={shards}" if held == "val_shards" else "data.val_holdout=0.5"
+    cfg, _ = compose_train_config(
+        [
+            "experiment=smoke",
+            f"run_dir={tmp_path}",
+            f"data.shards={shards}",
+            source,
+            "trainer.validation.num_clips=2",
+        ]
+    )
+    refs = select_val_refs(cfg.data, 2)
+    inputs = Validator(cfg, tmp_path, None, None).inputs()
+    assert len(inputs) == len(refs) > 0
+    for (ref_image, audio, caption), ref in zip(inputs, refs, strict=True):
+        sample = decode_val_sample(ref, cfg.data, cfg.trainer.val_loss.noise_seed)
+        assert torch.equal(ref_image, sample["ref"][None]) and ref_image.shape[:2] == (1, 3)
+        assert torch.equal(audio, sample["audio"]) and caption == sample["caption"]
