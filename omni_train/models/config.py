@@ -30,6 +30,12 @@ class VAEConfig:
     shift_factor: float = 0.0
     # Frames per encoder chunk when encoding long clips (1 + 4k); 0 = whole clip at once.
     chunk_frames: int = 0
+    # A learnable linear codec of 4x8x8 pixel blocks next to the networks: the encoder's latent
+    # mean adds a linear map of each latent's pixel block, the decoder's output a linear map of
+    # the latent back to its block. It starts as block averaging and the networks as zero
+    # residuals, so a short fit starts from a usable code (omni_train/models/README.md).
+    # False = the plain networks, as before the knob existed.
+    patch_shortcut: bool = False
 
 
 @dataclass

@@ -164,6 +164,102 @@ class Upsample(nn.Module):
         return self.conv(x, cache)
 
 
+def space_time_to_depth(x: Tensor) -> Tensor:
+    """(B, C, 4L, H, W) -> (B, C * 4 * 8 * 8, L, H/8, W/8): each latent's pixel block as channels."""
+    batch, channels, frames, height, width = x.shape
+    t, s = TEMPORAL_FACTOR, SPATIAL_FACTOR
+    blocks = x.reshape(batch, channels, frames // t, t, height // s, s, width // s, s)
+    blocks = blocks.permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return blocks.reshape(batch, channels * t * s * s, frames // t, height // s, width // s)
+
+
+def depth_to_space_time(x: Tensor, channels: int) -> Tensor:
+    """The inverse of ``space_time_to_depth`` for ``channels`` pixel channels."""
+    batch, _, latents, height, width = x.shape
+    t, s = TEMPORAL_FACTOR, SPATIAL_FACTOR
+    blocks = x.reshape(batch, channels, t, s, s, latents, height, width)
+    blocks = blocks.permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return blocks.reshape(batch, channels, latents * t, height * s, width * s)
+
+
+def _zero_init(conv: nn.Conv3d) -> None:
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+
+
+def _first_chunk(module: nn.Module, cache: ConvCache | None) -> bool:
+    """True unless a cache shows ``module`` has already seen an earlier chunk of this clip."""
+    first = cache is None or id(module) not in cache
+    if cache is not None:
+        cache[id(module)] = torch.empty(0)
+    return first
+
+
+def _same_for_every_frame(weight: Tensor, channels: int, dim: int) -> None:
+    """Give the 4 frame slots of a block (axis ``dim`` of ``weight``) the weights of the first:
+    the map starts out blind to motion, so single-frame steps (which only see the first
+    block) train all of it."""
+    with torch.no_grad():
+        slots = weight.unflatten(dim, (channels, TEMPORAL_FACTOR, -1))
+        first = slots.narrow(dim + 1, 0, 1)
+        slots.narrow(dim + 1, 1, TEMPORAL_FACTOR - 1).copy_(
+            first.expand_as(slots.narrow(dim + 1, 1, TEMPORAL_FACTOR - 1))
+        )
+
+
+class PatchToLatent(nn.Module):
+    """Each latent's pixel block (4 frames x 8 x 8; the clip's first frame, alone in its
+    latent, repeated to fill a block) mapped linearly to latent channels."""
+
+    def __init__(self, in_channels: int, latent_channels: int) -> None:
+        super().__init__()
+        # Inputs are divided by the pixels per block and channel: weights of order one, the
+        # scale Adam's steps suit (a 1/256 mean weight would be wiped out by the first steps).
+        self.pixels = TEMPORAL_FACTOR * SPATIAL_FACTOR**2
+        self.proj = nn.Conv3d(in_channels * self.pixels, latent_channels, 1)
+        nn.init.normal_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        _same_for_every_frame(self.proj.weight, in_channels, dim=1)
+        # The first latent channels start as the block means of the pixel channels.
+        with torch.no_grad():
+            for channel in range(min(in_channels, latent_channels)):
+                rows = self.proj.weight[channel].view(in_channels, -1)
+                rows.zero_()
+                rows[channel] = 1.0
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        if _first_chunk(self, cache):
+            x = torch.cat([x[:, :, :1].expand(-1, -1, TEMPORAL_FACTOR - 1, -1, -1), x], dim=2)
+        return self.proj(space_time_to_depth(x) / self.pixels)
+
+
+class LatentToPatch(nn.Module):
+    """Each latent mapped linearly to its pixel block; the first latent's block is averaged
+    over its frames into the clip's first frame."""
+
+    def __init__(self, latent_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        block = out_channels * TEMPORAL_FACTOR * SPATIAL_FACTOR**2
+        self.proj = nn.Conv3d(latent_channels, block, 1)
+        # It starts by spreading the first latent channels over their blocks as the pixel
+        # channels (the rest at zero): the codec begins as block averaging, not noise.
+        with torch.no_grad():
+            columns = self.proj.weight[:, :, 0, 0, 0].view(out_channels, -1, latent_channels)
+            columns.zero_()
+            for channel in range(min(out_channels, latent_channels)):
+                columns[channel, :, channel] = 1.0
+            self.proj.bias.zero_()
+
+    def forward(self, z: Tensor, cache: ConvCache | None = None) -> Tensor:
+        first = _first_chunk(self, cache)
+        pixels = depth_to_space_time(self.proj(z), self.out_channels)
+        if not first:
+            return pixels
+        head = pixels[:, :, :TEMPORAL_FACTOR].mean(dim=2, keepdim=True)
+        return torch.cat([head, pixels[:, :, TEMPORAL_FACTOR:]], dim=2)
+
+
 def level_channels(cfg: VAEConfig) -> list[int]:
     return [cfg.base_channels * mult for mult in cfg.channel_mult]
 
@@ -184,13 +280,21 @@ class Encoder(nn.Module):
         self.mid = ResBlock(current, current)
         self.norm_out = FrameGroupNorm(norm_groups(current), current)
         self.conv_out = CausalConv3d(current, 2 * cfg.latent_channels)
+        self.shortcut = None
+        if cfg.patch_shortcut:
+            self.shortcut = PatchToLatent(cfg.in_channels, cfg.latent_channels)
+            _zero_init(self.conv_out.conv)  # the network starts as a zero residual
 
     def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
         h = self.conv_in(x, cache)
         for block in self.blocks:
             h = block(h, cache)
         h = self.mid(h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        moments = self.conv_out(F.silu(self.norm_out(h)), cache)
+        if self.shortcut is None:
+            return moments
+        mean, logvar = moments.chunk(2, dim=1)
+        return torch.cat([mean + self.shortcut(x, cache), logvar], dim=1)
 
 
 class Decoder(nn.Module):
@@ -209,12 +313,17 @@ class Decoder(nn.Module):
                 self.blocks.append(Upsample(current, level - 1 in cfg.temporal_down_levels))
         self.norm_out = FrameGroupNorm(norm_groups(current), current)
         self.conv_out = CausalConv3d(current, cfg.in_channels)
+        self.shortcut = None
+        if cfg.patch_shortcut:
+            self.shortcut = LatentToPatch(cfg.latent_channels, cfg.in_channels)
+            _zero_init(self.conv_out.conv)
 
     def forward(self, z: Tensor, cache: ConvCache | None = None) -> Tensor:
         h = self.mid(self.conv_in(z, cache), cache)
         for block in self.blocks:
             h = block(h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        out = self.conv_out(F.silu(self.norm_out(h)), cache)
+        return out if self.shortcut is None else out + self.shortcut(z, cache)
 
 
 def check_vae_config(cfg: VAEConfig) -> None:
@@ -340,6 +449,7 @@ ARCH_FIELDS = (
     "channel_mult",
     "temporal_down_levels",
     "num_res_blocks",
+    "patch_shortcut",
 )
 # safetensors metadata keys written by omni_train.train_vae next to the weights.
 META_ARCH = "omni_train.vae.arch"
@@ -352,6 +462,8 @@ def vae_arch(cfg: VAEConfig) -> dict[str, int | list[int]]:
 
 
 def _plain(value):
+    if isinstance(value, bool):
+        return value
     return int(value) if isinstance(value, int) else [int(v) for v in value]
 
 
@@ -380,7 +492,9 @@ def config_for_vae_file(cfg: VAEConfig, metadata: dict[str, str], source: str) -
         return cfg
     saved = json.loads(metadata[META_ARCH])
     wanted = vae_arch(cfg)
-    differ = [name for name in ARCH_FIELDS if name in saved and saved[name] != wanted[name]]
+    # Files written before a field existed were built at its default.
+    saved = {**vae_arch(VAEConfig()), **saved}
+    differ = [name for name in ARCH_FIELDS if saved[name] != wanted[name]]
     if differ:
         lines = [f"  {name}: file {saved[name]}, config {wanted[name]}" for name in differ]
         fix = " ".join(_override(name, saved[name]) for name in differ)

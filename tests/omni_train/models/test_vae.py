@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -216,3 +217,145 @@ def test_vae_file_of_another_architecture_names_the_overrides():
     assert "run/vae.safetensors" in message
     assert "set: model.vae.latent_channels=8 model.vae.channel_mult=[1,2,4,4]" in message
     assert "base_channels" not in message
+
+
+# --------------------------------------------------------------------------- patch shortcut
+def test_patch_shortcut_is_off_by_default_and_adds_nothing():
+    torch.manual_seed(0)
+    plain = CausalVAE(VAEConfig(base_channels=4))
+    assert plain.encoder.shortcut is None and plain.decoder.shortcut is None
+    assert not any("shortcut" in name for name in plain.state_dict())
+    # The networks alone: a shortcut model with zeroed shortcut weights reconstructs the same.
+    with_shortcut = CausalVAE(VAEConfig(base_channels=4, patch_shortcut=True)).eval()
+    missing, unexpected = with_shortcut.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("shortcut" in name for name in missing)
+    for module in (with_shortcut.encoder.shortcut, with_shortcut.decoder.shortcut):
+        torch.nn.init.zeros_(module.proj.weight)
+        torch.nn.init.zeros_(module.proj.bias)
+    video = clip(9, size=16)
+    with torch.no_grad():
+        assert torch.equal(
+            with_shortcut(video, sample=False)[0], plain.eval()(video, sample=False)[0]
+        )
+
+
+def shortcut_only_vae(latent_channels: int = 2) -> CausalVAE:
+    """A new shortcut VAE: its networks start as zero residuals, so encode and decode are the
+    linear codec."""
+    torch.manual_seed(0)
+    return CausalVAE(
+        VAEConfig(base_channels=4, latent_channels=latent_channels, patch_shortcut=True)
+    ).eval()
+
+
+def test_patch_shortcut_encodes_each_latents_pixel_block_linearly():
+    model = shortcut_only_vae()
+    proj = model.encoder.shortcut.proj
+    weight, bias = proj.weight[:, :, 0, 0, 0], proj.bias  # (latent, 3 * 4 * 8 * 8)
+    video = clip(9, size=16)
+    with torch.no_grad():
+        mean, _ = model.posterior(video)
+
+    def block(frames: list[int], row: int, col: int) -> torch.Tensor:
+        # Channel-major, then frame, then row and column within the 8x8 patch.
+        pixels = video[0][:, frames, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8]
+        return pixels.reshape(-1)
+
+    for latent, frames in enumerate([[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8]]):
+        for row, col in [(0, 0), (1, 0), (0, 1)]:
+            expected = weight @ block(frames, row, col) / 256 + bias
+            torch.testing.assert_close(mean[0, :, latent, row, col], expected)
+
+
+def test_patch_shortcut_decodes_each_latent_to_its_pixel_block():
+    model = shortcut_only_vae()
+    proj = model.decoder.shortcut.proj
+    with torch.no_grad():  # frame slots that differ (they start equal)
+        proj.weight.normal_(generator=torch.Generator().manual_seed(1))
+        proj.bias.normal_(generator=torch.Generator().manual_seed(2))
+    weight, bias = proj.weight[:, :, 0, 0, 0], proj.bias  # (3 * 4 * 8 * 8, latent)
+    latents = torch.randn(1, 2, 3, 2, 2)
+    with torch.no_grad():
+        video = model.decode(latents)
+    assert video.shape == (1, 3, 9, 16, 16)
+    row, col = 1, 0
+    for latent in range(3):
+        block = (weight @ latents[0, :, latent, row, col] + bias).reshape(3, 4, 8, 8)
+        if latent == 0:  # the clip's first frame: the block's frames averaged
+            frames, block = [0], block.mean(dim=1, keepdim=True)
+        else:
+            frames = [4 * latent - 3 + k for k in range(4)]
+        got = video[0][:, frames, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8]
+        torch.testing.assert_close(got, block)
+
+
+def test_patch_shortcut_starts_with_the_same_map_for_every_frame_of_a_block():
+    model = shortcut_only_vae(latent_channels=5)  # channels 3 and 4 start random
+    encode = model.encoder.shortcut.proj.weight.view(5, 3, 4, 64)
+    decode = model.decoder.shortcut.proj.weight.view(3, 4, 64, 5)
+    decode_bias = model.decoder.shortcut.proj.bias.view(3, 4, 64)
+    for k in range(1, 4):
+        assert torch.equal(encode[:, :, k], encode[:, :, 0])
+        assert torch.equal(decode[:, k], decode[:, 0])
+        assert torch.equal(decode_bias[:, k], decode_bias[:, 0])
+    # So a still clip codes like its single first frame: single-frame steps train it all.
+    still = clip(1, size=16).expand(-1, -1, 5, -1, -1)
+    with torch.no_grad():
+        latents = model.encode(still)
+        torch.testing.assert_close(latents[:, :, 1], latents[:, :, 0])
+        video = model.decode(latents)
+    torch.testing.assert_close(video[:, :, 1:5], video[:, :, :1].expand(-1, -1, 4, -1, -1))
+
+
+def test_patch_shortcut_starts_as_block_averaging():
+    model = shortcut_only_vae(latent_channels=4)
+    video = clip(9, size=16)
+    padded = torch.cat([video[:, :, :1].expand(-1, -1, 3, -1, -1), video], dim=2)
+    block_means = torch.nn.functional.avg_pool3d(padded, (4, 8, 8))  # (1, 3, 3, 2, 2)
+    with torch.no_grad():
+        mean, _ = model.posterior(video)
+        torch.testing.assert_close(mean[:, :3], block_means)
+        decoded = model.decode(mean)
+    spread = block_means.repeat_interleave(4, dim=2).repeat_interleave(8, dim=3)
+    spread = spread.repeat_interleave(8, dim=4)[:, :, 3:]
+    torch.testing.assert_close(decoded, spread)
+
+
+@pytest.mark.parametrize("chunk_frames", [5, 9])
+def test_patch_shortcut_chunked_coding_matches_whole_clip(chunk_frames):
+    torch.manual_seed(0)
+    whole = CausalVAE(VAEConfig(base_channels=4, patch_shortcut=True)).eval()
+    chunked = chunked_copy(whole, chunk_frames)
+    video = clip(21, size=16)
+    with torch.no_grad():
+        latents = whole.encode(video)
+        torch.testing.assert_close(chunked.encode(video), latents, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            chunked.decode(latents), whole.decode(latents), rtol=0, atol=1e-5
+        )
+
+
+def test_patch_shortcut_keeps_latents_causal():
+    torch.manual_seed(0)
+    model = CausalVAE(VAEConfig(base_channels=4, patch_shortcut=True)).eval()
+    video = clip(9, size=16)
+    changed = video.clone()
+    changed[:, :, 5:] = clip(9, size=16, seed=1)[:, :, 5:]
+    with torch.no_grad():
+        before, after = model.encode(video), model.encode(changed)
+    torch.testing.assert_close(before[:, :, :2], after[:, :, :2])
+    assert not torch.allclose(before[:, :, 2], after[:, :, 2])
+
+
+def test_vae_file_header_carries_the_patch_shortcut():
+    from omni_train.models.vae import META_ARCH, config_for_vae_file, vae_file_metadata
+
+    header = vae_file_metadata(VAEConfig(patch_shortcut=True), 0.0, 1.0)
+    assert json.loads(header[META_ARCH])["patch_shortcut"] is True
+    with pytest.raises(ValueError, match="set: model.vae.patch_shortcut=True"):
+        config_for_vae_file(VAEConfig(), header, "f")
+    # A header written before the knob existed describes a VAE without the shortcut.
+    old = {META_ARCH: json.dumps({"latent_channels": 4})}
+    assert config_for_vae_file(VAEConfig(), old, "f") == VAEConfig()
+    with pytest.raises(ValueError, match="patch_shortcut: file False, config True"):
+        config_for_vae_file(VAEConfig(patch_shortcut=True), old, "f")
