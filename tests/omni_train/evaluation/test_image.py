@@ -23,6 +23,8 @@ def test_psnr_of_a_known_error():
     b = torch.full((1, 3, 16, 16), 0.1, dtype=torch.float64)  # MSE 0.01 -> 20 dB
     assert float(psnr_per_image(a, b)) == pytest.approx(20.0, abs=1e-9)
     assert math.isinf(float(psnr_per_image(a, a)))
+    # The same error on a 0..255 scale: MSE 25.5^2 against a peak of 255 is 20 dB too.
+    assert float(psnr_per_image(a, b * 255, data_range=255.0)) == pytest.approx(20.0, abs=1e-9)
 
 
 def test_video_psnr_pools_the_error_over_frames():
