@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from omni_train.trainer.run_setup import run_validated
 from omni_train.vae_training.config import TrainVAEConfig, register_vae_configs
 from omni_train.vae_training.validate import validate_vae_train_config
-from omni_train.validate import ConfigError
 
 log = logging.getLogger("omni_train.train_vae")
 register_vae_configs()
@@ -44,25 +42,19 @@ def evaluate(cfg: TrainVAEConfig) -> dict[str, float]:
     return {**scores, "val/clips": len(clips)}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_vae")
-def main(raw: DictConfig) -> None:
-    cfg: TrainVAEConfig = OmegaConf.to_object(raw)
-    try:
-        world_size = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
-        validate_vae_train_config(cfg, world_size=int(world_size))
-    except ConfigError as err:
-        log.error("invalid config: %s", err)
-        sys.exit(2)
-    if cfg.check_only:
-        print(OmegaConf.to_yaml(raw, resolve=True))
-        return
+def _train_or_evaluate(cfg: TrainVAEConfig, resolved: dict) -> None:
     if cfg.vae_training.evaluate_only:
         print(json.dumps(evaluate(cfg), sort_keys=True))
         return
     from omni_train.vae_training.trainer import VAETrainer
 
-    trainer = VAETrainer(cfg, resolved=OmegaConf.to_container(raw, resolve=True))
-    trainer.run()
+    VAETrainer(cfg, resolved=resolved).run()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_vae")
+def main(raw: DictConfig) -> None:
+    cfg: TrainVAEConfig = OmegaConf.to_object(raw)
+    run_validated(raw, cfg, validate_vae_train_config, _train_or_evaluate, log)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+# Written into the run dir after a preemption checkpoint; a launcher requeues on it.
+PREEMPTED_MARKER = "preempted.json"
+
 Handler = Callable[[int, FrameType | None], object]
 
 

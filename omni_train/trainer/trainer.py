@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from omni_train.config import TrainConfig
 from omni_train.curriculum import (
@@ -27,24 +26,30 @@ from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
 from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.distributed import init_distributed
-from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.ema import EMA_FILE, ShardedEMA
-from omni_train.trainer.lr_schedule import lr_lambda
-from omni_train.trainer.metrics import MetricsLogger, wandb_run_id
+from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import PreemptionError, SignalFlag
 from omni_train.trainer.profiling import StepProfiler
+from omni_train.trainer.run_setup import (
+    agree_across_ranks,
+    build_engine,
+    engine_config,
+    load_resumed,
+    prepare_run_dir,
+    publish_checkpoint,
+    restore_rank_state,
+    stage_checkpoint,
+    write_preempted_marker,
+    write_rank_state,
+)
 from omni_train.trainer.run_state import (
     ResumePlan,
     capture_rng,
-    loader_file,
     plan_resume,
     read_json,
     resized_data_seed,
-    restore_rng,
-    rng_file,
 )
 from omni_train.trainer.step import StepResult, compute_loss, step_seed
-from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
 from omni_train.trainer.weights import consolidated_state, export_weights, frozen_is_random
 
 # Stage-so-far curriculum counts, so per-stage ratios survive a restart.
@@ -52,7 +57,6 @@ CURRICULUM_FILE = "curriculum_counts.json"
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_MARKER = "preempted.json"
 # Reason of trainer.save_at_start's step-0 checkpoint, which pruning keeps.
 START_REASON = "start"
 
@@ -74,8 +78,6 @@ def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> lis
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
-        import deepspeed
-
         self.cfg = cfg
         tcfg = cfg.trainer
         self.dist = init_distributed(
@@ -85,24 +87,11 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resolved = resolved
-        if self.dist.is_main:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-            for stale in ckpt.clear_staging(self.ckpt_root):
-                log.warning("removed unfinished checkpoint %s", stale)
-            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        dist.barrier()
+        prepare_run_dir(self.run_dir, self.ckpt_root, self.dist.is_main, log)
         self.plan = plan_resume(self.ckpt_root, cfg.seed)
-        resized = self.plan is not None and self.plan.resized(self.dist.world_size)
-        ds_cfg = deepspeed_config(
-            tcfg,
-            cfg.data.batch_size,
-            self.dist.world_size,
-            cuda=self.device.type == "cuda",
-            load_universal=resized,
+        ds_cfg = engine_config(
+            tcfg, cfg.data.batch_size, self.dist, self.plan, self.run_dir, resolved
         )
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
 
         # Same seed on every rank: random-init encoders and the denoiser agree everywhere.
         torch.manual_seed(cfg.seed)
@@ -110,17 +99,8 @@ class Trainer:
         self.encoders.requires_grad_(False)
         denoiser = build_denoiser(cfg.model)
         opt_cfg = tcfg.optimizer
-        optimizer = torch.optim.AdamW(
-            _param_groups(denoiser, opt_cfg.lr, opt_cfg.new_module_lr_scale),
-            lr=opt_cfg.lr,
-            betas=tuple(opt_cfg.betas),
-            eps=opt_cfg.eps,
-            weight_decay=opt_cfg.weight_decay,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt_cfg, tcfg.max_steps))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=denoiser, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
-        )
+        params = _param_groups(denoiser, opt_cfg.lr, opt_cfg.new_module_lr_scale)
+        self.engine, self.scheduler = build_engine(denoiser, params, tcfg, ds_cfg)
 
         self.global_step = 0
         self.data_seed = cfg.seed
@@ -190,8 +170,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self, plan: ResumePlan) -> dict | None:
-        rank, world_size = self.dist.rank, self.dist.world_size
-        load_dir, tag = self.ckpt_root, plan.checkpoint.name
+        world_size = self.dist.world_size
         resized = plan.resized(world_size)
         if resized:
             log.warning(
@@ -201,26 +180,13 @@ class Trainer:
                 plan.saved_world_size,
                 world_size,
             )
-            if self.dist.is_main:
-                convert_to_universal(plan.checkpoint, self.run_dir)
-            dist.barrier()
-            load_dir = universal_root(self.run_dir)
-        self.engine.load_checkpoint(
-            str(load_dir),
-            tag=tag,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        load_resumed(self.engine, plan, resized, self.dist, self.ckpt_root, self.run_dir, log)
         self.global_step = plan.step
         self.nonfinite_total = int(plan.meta.get("nonfinite_skipped", 0))
-        log.info("resumed from %s (step %d)", plan.checkpoint, self.global_step)
         self.data_seed = plan.data_seed
         if resized:
             return self._resized_loader_state(plan)
-        rng = plan.checkpoint / rng_file(rank)
-        if rng.is_file():
-            restore_rng(read_json(rng))
-        return read_json(plan.checkpoint / loader_file(rank))
+        return restore_rank_state(plan, self.dist.rank)
 
     def _resized_loader_state(self, plan: ResumePlan) -> dict | None:
         """Deal the interrupted epoch's remaining samples out to the new ranks; when the
@@ -316,12 +282,7 @@ class Trainer:
         saved = self.save(reason="preempted")
         code = self.cfg.trainer.preemption.exit_code
         if self.dist.is_main:
-            # Launchers that cannot see the exit code (torchrun reports any worker failure
-            # as 1) requeue on this marker instead.
-            ckpt.write_json_atomic(
-                self.run_dir / PREEMPTED_MARKER,
-                {"step": self.global_step, "signal": signal_name, "exit_code": code},
-            )
+            write_preempted_marker(self.run_dir, self.global_step, signal_name, code)
             log.warning(
                 "stopping on %s after step %d: saved %s, exiting with %d for a requeue",
                 signal_name or "a signal on another rank",
@@ -332,10 +293,7 @@ class Trainer:
         raise PreemptionError(code)
 
     def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
-        """Whether any rank saw a non-finite loss / a stop signal (one tiny all-reduce)."""
-        flags = torch.tensor([float(nonfinite), float(signalled)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        return agree_across_ranks(nonfinite, signalled, self.device)
 
     def _train_step(self, batches, flag: SignalFlag) -> tuple[StepResult, float, bool, bool]:
         cfg = self.cfg
@@ -451,15 +409,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- save
     def save(self, reason: str = "cadence") -> Path:
         step = self.global_step
-        rank = self.dist.rank
-        staging = ckpt.staging_dir(self.ckpt_root, step)
-        if self.dist.is_main:
-            ckpt.clear_staging(self.ckpt_root)
-            staging.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=staging.name, save_latest=False)
-        ckpt.write_json_atomic(staging / loader_file(rank), self.loader.state_dict())
-        ckpt.write_json_atomic(staging / rng_file(rank), capture_rng())
+        staging = stage_checkpoint(self.engine, self.ckpt_root, step, self.dist.is_main)
+        write_rank_state(staging, self.dist.rank, self.loader.state_dict(), capture_rng())
         state = consolidated_state(self.engine, self.dist.is_main)
         ema_state = self.ema.gather(self.dist.is_main) if self.ema is not None else None
         if self.dist.is_main:
@@ -471,7 +422,6 @@ class Trainer:
         dist.barrier()
         final = staging.with_name(ckpt.checkpoint_name(step))
         if self.dist.is_main:
-            (staging / "config.yaml").write_text(OmegaConf.to_yaml(self.resolved))
             ckpt.write_json_atomic(staging / CURRICULUM_FILE, self.curriculum_meter.state_dict())
             meta = {
                 "step": step,
@@ -486,13 +436,15 @@ class Trainer:
                 ckpt.PINNED: reason == START_REASON,
                 "time": time.time(),
             }
-            if self.cfg.logger.wandb.enabled:
-                meta["wandb_run_id"] = wandb_run_id(self.run_dir)
-            final = ckpt.publish(staging, meta)
-            for old in ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last):
-                log.info("removed old checkpoint %s", old)
-            clear_universal(self.run_dir)
-            log.info("saved checkpoint %s", final)
+            final = publish_checkpoint(
+                staging,
+                meta,
+                self.run_dir,
+                self.resolved,
+                self.cfg.trainer.keep_last,
+                self.cfg.logger.wandb.enabled,
+                log,
+            )
         dist.barrier()
         return final
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from omni_train.data.stream import build_loader
@@ -21,22 +20,22 @@ from omni_train.models.vae import vae_arch, vae_file_metadata
 from omni_train.models.weights import save_safetensors
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer.distributed import init_distributed
-from omni_train.trainer.ds_config import deepspeed_config
-from omni_train.trainer.lr_schedule import lr_lambda
-from omni_train.trainer.metrics import MetricsLogger, wandb_run_id
+from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import PreemptionError, SignalFlag
-from omni_train.trainer.run_state import (
-    ResumePlan,
-    capture_rng,
-    loader_file,
-    plan_resume,
-    read_json,
-    resized_data_seed,
-    restore_rng,
-    rng_file,
+from omni_train.trainer.run_setup import (
+    agree_across_ranks,
+    build_engine,
+    engine_config,
+    load_resumed,
+    prepare_run_dir,
+    publish_checkpoint,
+    restore_rank_state,
+    stage_checkpoint,
+    write_preempted_marker,
+    write_rank_state,
 )
+from omni_train.trainer.run_state import ResumePlan, capture_rng, plan_resume, resized_data_seed
 from omni_train.trainer.step import step_seed
-from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
 from omni_train.vae_training.config import TrainVAEConfig
 from omni_train.vae_training.losses import vae_losses
 from omni_train.vae_training.metrics import (
@@ -48,7 +47,6 @@ from omni_train.vae_training.metrics import (
 log = logging.getLogger(__name__)
 
 VAE_FILE = "vae.safetensors"
-PREEMPTED_MARKER = "preempted.json"
 LOSS_NAMES = ("loss", "loss_l1", "loss_ssim", "loss_kl")
 
 
@@ -86,8 +84,6 @@ class VAEMetricsLogger(MetricsLogger):
 
 class VAETrainer:
     def __init__(self, cfg: TrainVAEConfig, resolved: dict[str, Any]) -> None:
-        import deepspeed
-
         self.cfg = cfg
         tcfg = cfg.trainer
         self.dist = init_distributed(
@@ -97,40 +93,16 @@ class VAETrainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resolved = resolved
-        if self.dist.is_main:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-            for stale in ckpt.clear_staging(self.ckpt_root):
-                log.warning("removed unfinished checkpoint %s", stale)
-            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        dist.barrier()
+        prepare_run_dir(self.run_dir, self.ckpt_root, self.dist.is_main, log)
         self.plan = plan_resume(self.ckpt_root, cfg.seed)
-        resized = self.plan is not None and self.plan.resized(self.dist.world_size)
-        ds_cfg = deepspeed_config(
-            tcfg,
-            cfg.data.batch_size,
-            self.dist.world_size,
-            cuda=self.device.type == "cuda",
-            load_universal=resized,
+        ds_cfg = engine_config(
+            tcfg, cfg.data.batch_size, self.dist, self.plan, self.run_dir, resolved
         )
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         # model.vae.pretrained starts from given weights (fine-tuning); "" from random init.
         vae = build_vae(cfg.model.vae)
-        opt = tcfg.optimizer
-        optimizer = torch.optim.AdamW(
-            vae.parameters(),
-            lr=opt.lr,
-            betas=tuple(opt.betas),
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt, tcfg.max_steps))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=vae, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
-        )
+        self.engine, self.scheduler = build_engine(vae, vae.parameters(), tcfg, ds_cfg)
         self.global_step = 0
         self.data_seed = cfg.seed
         loader_state = self._resume(self.plan) if self.plan is not None else None
@@ -162,7 +134,7 @@ class VAETrainer:
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self, plan: ResumePlan) -> dict | None:
-        load_dir, resized = self.ckpt_root, plan.resized(self.dist.world_size)
+        resized = plan.resized(self.dist.world_size)
         if resized:
             log.warning(
                 "%s was saved by %d ranks, this run has %d: resuming from a universal checkpoint",
@@ -170,27 +142,14 @@ class VAETrainer:
                 plan.saved_world_size,
                 self.dist.world_size,
             )
-            if self.dist.is_main:
-                convert_to_universal(plan.checkpoint, self.run_dir)
-            dist.barrier()
-            load_dir = universal_root(self.run_dir)
-        self.engine.load_checkpoint(
-            str(load_dir),
-            tag=plan.checkpoint.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        load_resumed(self.engine, plan, resized, self.dist, self.ckpt_root, self.run_dir, log)
         self.global_step = plan.step
         self.data_seed = plan.data_seed
-        log.info("resumed from %s (step %d)", plan.checkpoint, self.global_step)
         if resized:
             # Reconstruction does not care which clips come next: a fresh, seeded order.
             self.data_seed = resized_data_seed(plan.data_seed, plan.step)
             return None
-        rng = plan.checkpoint / rng_file(self.dist.rank)
-        if rng.is_file():
-            restore_rng(read_json(rng))
-        return read_json(plan.checkpoint / loader_file(self.dist.rank))
+        return restore_rank_state(plan, self.dist.rank)
 
     # ----------------------------------------------------------------------------- loop
     def run(self) -> None:
@@ -220,11 +179,6 @@ class VAETrainer:
         if self.dist.is_main:
             log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
 
-    def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([float(nonfinite), float(signalled)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
-
     def _train_step(self, batches, flag: SignalFlag) -> tuple[Tensor, int, int, float, bool]:
         cfg, recipe = self.cfg, self.cfg.vae_training
         step_index = self.global_step
@@ -243,7 +197,8 @@ class VAETrainer:
                 video = frames_as_images(video, recipe.image_frames, generator)
             recon, mean, logvar = self.engine(video, generator, recipe.sample_posterior)
             losses = vae_losses(recon, video, mean, logvar, recipe.loss)
-            bad, stop = self._agree(not bool(torch.isfinite(losses.total)), flag.raised)
+            nonfinite = not bool(torch.isfinite(losses.total))
+            bad, stop = agree_across_ranks(nonfinite, flag.raised, self.device)
             if bad:
                 raise NonFiniteVAELossError(
                     f"step {step_index + 1}: the VAE loss is NaN/Inf on some rank; no update "
@@ -283,10 +238,7 @@ class VAETrainer:
         saved = self.save(reason="preempted")
         code = self.cfg.trainer.preemption.exit_code
         if self.dist.is_main:
-            ckpt.write_json_atomic(
-                self.run_dir / PREEMPTED_MARKER,
-                {"step": self.global_step, "signal": signal_name, "exit_code": code},
-            )
+            write_preempted_marker(self.run_dir, self.global_step, signal_name, code)
             log.warning("stopping on %s: saved %s, exiting with %d", signal_name, saved, code)
         raise PreemptionError(code)
 
@@ -319,22 +271,17 @@ class VAETrainer:
     def save(self, reason: str = "cadence") -> Path:
         from omni_train.trainer.weights import consolidated_state
 
-        step, rank = self.global_step, self.dist.rank
-        staging = ckpt.staging_dir(self.ckpt_root, step)
-        if self.dist.is_main:
-            ckpt.clear_staging(self.ckpt_root)
-            staging.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=staging.name, save_latest=False)
-        ckpt.write_json_atomic(staging / loader_file(rank), self.loader.state_dict())
-        ckpt.write_json_atomic(staging / rng_file(rank), capture_rng())
+        step = self.global_step
+        staging = stage_checkpoint(self.engine, self.ckpt_root, step, self.dist.is_main)
+        write_rank_state(staging, self.dist.rank, self.loader.state_dict(), capture_rng())
         shift, scale = self.latent_stats()
         state = consolidated_state(self.engine, self.dist.is_main)
+        # Every rank's files are in staging before the main rank publishes (renames) it.
+        dist.barrier()
         final = staging.with_name(ckpt.checkpoint_name(step))
         if self.dist.is_main:
             metadata = vae_file_metadata(self.cfg.model.vae, shift, scale)
             save_safetensors(state, staging / VAE_FILE, metadata=metadata)
-            (staging / "config.yaml").write_text(OmegaConf.to_yaml(self.resolved))
             meta = {
                 "step": step,
                 "world_size": self.dist.world_size,
@@ -346,13 +293,15 @@ class VAETrainer:
                 "time": time.time(),
                 **{k.replace("/", "_"): v for k, v in self.last_scores.items()},
             }
-            if self.cfg.logger.wandb.enabled:
-                meta["wandb_run_id"] = wandb_run_id(self.run_dir)
-            final = ckpt.publish(staging, meta)
-            for old in ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last):
-                log.info("removed old checkpoint %s", old)
-            clear_universal(self.run_dir)
-            log.info("saved checkpoint %s", final)
+            final = publish_checkpoint(
+                staging,
+                meta,
+                self.run_dir,
+                self.resolved,
+                self.cfg.trainer.keep_last,
+                self.cfg.logger.wandb.enabled,
+                log,
+            )
             if step == self.cfg.trainer.max_steps:
                 self._publish_result(final, shift, scale)
         dist.barrier()

@@ -287,7 +287,7 @@ def _weights_engine(cfg, path: Path) -> StubEngine:
 def _train_all_partitioned(overrides: list[str]) -> int:
     """train_in_rank with ZeRO-3 keeping no parameter gathered (the tiny model's would all
     fall under the persistence threshold): every forward then gathers collectively."""
-    import omni_train.trainer.trainer as trainer_module
+    import omni_train.trainer.run_setup as trainer_module
 
     original = trainer_module.deepspeed_config
 

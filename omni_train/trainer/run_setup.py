@@ -1,0 +1,206 @@
+"""What both trainers (denoiser and VAE) do the same way around their own model and losses:
+prepare the run dir, build the DeepSpeed engine, load a resume checkpoint, stage and publish
+a checkpoint, and the validate-then-run entry point.
+
+Functions that log take the caller's logger, so log lines keep naming the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from omni_train.trainer import checkpoint as ckpt
+from omni_train.trainer.config import TrainerConfig
+from omni_train.trainer.distributed import DistInfo
+from omni_train.trainer.ds_config import deepspeed_config
+from omni_train.trainer.lr_schedule import lr_lambda
+from omni_train.trainer.metrics import wandb_run_id
+from omni_train.trainer.preemption import PREEMPTED_MARKER
+from omni_train.trainer.run_state import (
+    ResumePlan,
+    loader_file,
+    read_json,
+    restore_rng,
+    rng_file,
+)
+from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
+from omni_train.validate import ConfigError
+
+
+def run_validated(
+    raw: DictConfig,
+    cfg: Any,
+    validate: Callable[..., None],
+    run: Callable[[Any, dict[str, Any]], None],
+    log: logging.Logger,
+) -> None:
+    """Validate cfg for this launch's world size (exit 2 on a bad config), print it and stop
+    under check_only, else run(cfg, resolved)."""
+    try:
+        world_size = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+        validate(cfg, world_size=int(world_size))
+    except ConfigError as err:
+        log.error("invalid config: %s", err)
+        sys.exit(2)
+    if cfg.check_only:
+        print(OmegaConf.to_yaml(raw, resolve=True))
+        return
+    run(cfg, OmegaConf.to_container(raw, resolve=True))
+
+
+def prepare_run_dir(run_dir: Path, ckpt_root: Path, is_main: bool, log: logging.Logger) -> None:
+    """Create checkpoints/, drop unfinished (staging) checkpoints and a previous run's
+    preemption marker; every rank waits for it."""
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.clear_staging(ckpt_root):
+            log.warning("removed unfinished checkpoint %s", stale)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    dist.barrier()
+
+
+def engine_config(
+    tcfg: TrainerConfig,
+    batch_size: int,
+    dist_info: DistInfo,
+    plan: ResumePlan | None,
+    run_dir: Path,
+    resolved: dict[str, Any],
+) -> dict[str, Any]:
+    """The DeepSpeed config of this run; the main rank writes it and the resolved run config
+    (config.yaml, deepspeed_config.json) into the run dir."""
+    resized = plan is not None and plan.resized(dist_info.world_size)
+    ds_cfg = deepspeed_config(
+        tcfg,
+        batch_size,
+        dist_info.world_size,
+        cuda=dist_info.device.type == "cuda",
+        load_universal=resized,
+    )
+    if dist_info.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
+    return ds_cfg
+
+
+def build_engine(
+    model: torch.nn.Module,
+    params: Iterable[Any],
+    tcfg: TrainerConfig,
+    ds_cfg: dict[str, Any],
+) -> tuple[Any, Any]:
+    """(engine, lr scheduler): AdamW over params with the configured schedule, in DeepSpeed."""
+    import deepspeed
+
+    opt = tcfg.optimizer
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=opt.lr,
+        betas=tuple(opt.betas),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt, tcfg.max_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    return engine, scheduler
+
+
+def load_resumed(
+    engine: Any,
+    plan: ResumePlan,
+    resized: bool,
+    dist_info: DistInfo,
+    ckpt_root: Path,
+    run_dir: Path,
+    log: logging.Logger,
+) -> None:
+    """Load weights, optimizer and lr schedule of plan.checkpoint; when the world size changed,
+    through a universal checkpoint converted by the main rank."""
+    load_dir = ckpt_root
+    if resized:
+        if dist_info.is_main:
+            convert_to_universal(plan.checkpoint, run_dir)
+        dist.barrier()
+        load_dir = universal_root(run_dir)
+    engine.load_checkpoint(
+        str(load_dir),
+        tag=plan.checkpoint.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    log.info("resumed from %s (step %d)", plan.checkpoint, plan.step)
+
+
+def restore_rank_state(plan: ResumePlan, rank: int) -> dict | None:
+    """Restore this rank's RNG state (when saved) and return its data loader state."""
+    rng = plan.checkpoint / rng_file(rank)
+    if rng.is_file():
+        restore_rng(read_json(rng))
+    return read_json(plan.checkpoint / loader_file(rank))
+
+
+def stage_checkpoint(engine: Any, ckpt_root: Path, step: int, is_main: bool) -> Path:
+    """Write the engine state into a fresh staging dir (every rank its own shards)."""
+    staging = ckpt.staging_dir(ckpt_root, step)
+    if is_main:
+        ckpt.clear_staging(ckpt_root)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=staging.name, save_latest=False)
+    return staging
+
+
+def write_rank_state(staging: Path, rank: int, loader_state: dict, rng_state: dict) -> None:
+    """This rank's data loader position and RNG state, read back by restore_rank_state."""
+    ckpt.write_json_atomic(staging / loader_file(rank), loader_state)
+    ckpt.write_json_atomic(staging / rng_file(rank), rng_state)
+
+
+def publish_checkpoint(
+    staging: Path,
+    meta: dict[str, Any],
+    run_dir: Path,
+    resolved: dict[str, Any],
+    keep_last: int,
+    wandb_enabled: bool,
+    log: logging.Logger,
+) -> Path:
+    """Main rank: add config.yaml, publish staging under its final name, prune old
+    checkpoints and the universal copy; returns the published checkpoint."""
+    (staging / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if wandb_enabled:
+        meta["wandb_run_id"] = wandb_run_id(run_dir)
+    final = ckpt.publish(staging, meta)
+    for old in ckpt.prune(staging.parent, keep_last):
+        log.info("removed old checkpoint %s", old)
+    clear_universal(run_dir)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def write_preempted_marker(run_dir: Path, step: int, signal_name: str | None, code: int) -> None:
+    """Launchers that cannot see the exit code (torchrun reports any worker failure as 1)
+    requeue on this marker instead."""
+    ckpt.write_json_atomic(
+        run_dir / PREEMPTED_MARKER,
+        {"step": step, "signal": signal_name, "exit_code": code},
+    )
+
+
+def agree_across_ranks(nonfinite: bool, signalled: bool, device: torch.device) -> tuple[bool, bool]:
+    """Whether any rank saw a non-finite loss / a stop signal (one tiny all-reduce)."""
+    flags = torch.tensor([float(nonfinite), float(signalled)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
