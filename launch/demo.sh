@@ -3,7 +3,8 @@
 # make a sample corpus and a held-out one (other figures), shard both, fit the VAE (stage 0),
 # train the denoiser through the three curriculum stages on its latents (keeping the untrained
 # step-0 checkpoint), sample a clip, evaluate the untrained and the trained model on the
-# held-out clips, and print one table. Re-running resumes or skips every finished step.
+# held-out clips, and print one table. Re-running resumes training and skips the finished VAE
+# fit; the corpora, shards and evaluations are checked or redone.
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-demo_out}
 PY=${PY:-python}

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer.config import TrainerConfig
-from omni_train.trainer.distributed import DistInfo
+from omni_train.trainer.distributed import DistInfo, init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.lr_schedule import lr_lambda
 from omni_train.trainer.metrics import wandb_run_id
@@ -29,6 +30,7 @@ from omni_train.trainer.preemption import PREEMPTED_MARKER
 from omni_train.trainer.run_state import (
     ResumePlan,
     loader_file,
+    plan_resume,
     read_json,
     restore_rng,
     rng_file,
@@ -67,6 +69,36 @@ def prepare_run_dir(run_dir: Path, ckpt_root: Path, is_main: bool, log: logging.
             log.warning("removed unfinished checkpoint %s", stale)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     dist.barrier()
+
+
+@dataclass
+class RunStart:
+    """What a trainer knows once its process group and run dir are ready."""
+
+    dist: DistInfo
+    run_dir: Path
+    ckpt_root: Path
+    plan: ResumePlan | None
+    ds_cfg: dict[str, Any]
+
+
+def start_run(
+    tcfg: TrainerConfig,
+    run_dir: str | Path,
+    seed: int,
+    batch_size: int,
+    resolved: dict[str, Any],
+    log: logging.Logger,
+) -> RunStart:
+    """Join the process group, prepare the run dir, find the checkpoint to resume and write
+    this run's configs: the start every trainer shares."""
+    dist_info = init_distributed(tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm)
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    prepare_run_dir(run_dir, ckpt_root, dist_info.is_main, log)
+    plan = plan_resume(ckpt_root, seed)
+    ds_cfg = engine_config(tcfg, batch_size, dist_info, plan, run_dir, resolved)
+    return RunStart(dist_info, run_dir, ckpt_root, plan, ds_cfg)
 
 
 def engine_config(

@@ -25,7 +25,6 @@ from omni_train.models.vae import latent_frames
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
 from omni_train.trainer.config import VAL_TASKS
-from omni_train.trainer.distributed import init_distributed
 from omni_train.trainer.ema import EMA_FILE, ShardedEMA
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import PreemptionError, SignalFlag
@@ -33,19 +32,17 @@ from omni_train.trainer.profiling import StepProfiler
 from omni_train.trainer.run_setup import (
     agree_across_ranks,
     build_engine,
-    engine_config,
     load_resumed,
-    prepare_run_dir,
     publish_checkpoint,
     restore_rank_state,
     stage_checkpoint,
+    start_run,
     write_preempted_marker,
     write_rank_state,
 )
 from omni_train.trainer.run_state import (
     ResumePlan,
     capture_rng,
-    plan_resume,
     read_json,
     resized_data_seed,
 )
@@ -80,18 +77,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
         tcfg = cfg.trainer
-        self.dist = init_distributed(
-            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
-        )
-        self.device = self.dist.device
-        self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.resolved = resolved
-        prepare_run_dir(self.run_dir, self.ckpt_root, self.dist.is_main, log)
-        self.plan = plan_resume(self.ckpt_root, cfg.seed)
-        ds_cfg = engine_config(
-            tcfg, cfg.data.batch_size, self.dist, self.plan, self.run_dir, resolved
-        )
+        start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
+        self.device = self.dist.device
+        self.plan, ds_cfg = start.plan, start.ds_cfg
 
         # Same seed on every rank: random-init encoders and the denoiser agree everywhere.
         torch.manual_seed(cfg.seed)

@@ -19,22 +19,20 @@ from omni_train.models.encoders import build_vae
 from omni_train.models.vae import vae_arch, vae_file_metadata
 from omni_train.models.weights import save_safetensors
 from omni_train.trainer import checkpoint as ckpt
-from omni_train.trainer.distributed import init_distributed
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import PreemptionError, SignalFlag
 from omni_train.trainer.run_setup import (
     agree_across_ranks,
     build_engine,
-    engine_config,
     load_resumed,
-    prepare_run_dir,
     publish_checkpoint,
     restore_rank_state,
     stage_checkpoint,
+    start_run,
     write_preempted_marker,
     write_rank_state,
 )
-from omni_train.trainer.run_state import ResumePlan, capture_rng, plan_resume, resized_data_seed
+from omni_train.trainer.run_state import ResumePlan, capture_rng, resized_data_seed
 from omni_train.trainer.step import step_seed
 from omni_train.vae_training.config import TrainVAEConfig
 from omni_train.vae_training.losses import vae_losses
@@ -86,18 +84,11 @@ class VAETrainer:
     def __init__(self, cfg: TrainVAEConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
         tcfg = cfg.trainer
-        self.dist = init_distributed(
-            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
-        )
-        self.device = self.dist.device
-        self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.resolved = resolved
-        prepare_run_dir(self.run_dir, self.ckpt_root, self.dist.is_main, log)
-        self.plan = plan_resume(self.ckpt_root, cfg.seed)
-        ds_cfg = engine_config(
-            tcfg, cfg.data.batch_size, self.dist, self.plan, self.run_dir, resolved
-        )
+        start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
+        self.device = self.dist.device
+        self.plan, ds_cfg = start.plan, start.ds_cfg
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         # model.vae.pretrained starts from given weights (fine-tuning); "" from random init.
