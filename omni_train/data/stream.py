@@ -39,6 +39,7 @@ from omni_train.data.plan import (
     resolve_split,
 )
 from omni_train.data.shards import LATENT_MEMBERS, read_sample, shard_list
+from omni_train.stop_signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +405,8 @@ class ResumableLoader:
                 batch_size=None,
                 num_workers=self.cfg.num_workers,
                 multiprocessing_context=self.cfg.worker_start_method or None,
+                # A step-wide stop signal must not kill the workers under the saving trainer.
+                worker_init_fn=ignore_stop_signals,
             )
         )
 

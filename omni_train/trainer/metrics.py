@@ -69,28 +69,29 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         self._start = time.monotonic()
         self._start_step = resume_step
-        self.wandb_run = None
+        self.wandb_run: Any = None  # a WandbSink
         self.wandb_dir: Path | None = None
         self.progress = ProgressBar(max_steps, resume_step) if progress_bar else None
         if cfg.wandb.enabled:
             self._init_wandb(run_dir, experiment, resolved_config)
 
     def _init_wandb(self, run_dir: Path, experiment: str, config: dict[str, Any]) -> None:
-        import wandb
+        from omni_train.trainer.wandb_sink import WandbSink
 
-        self.wandb_run = wandb.init(
-            project=self.cfg.wandb.project,
-            entity=self.cfg.wandb.entity,
-            group=self.cfg.wandb.group or experiment,
-            name=experiment,
-            tags=list(self.cfg.wandb.tags),
-            id=wandb_run_id(run_dir),
-            resume="allow",
-            dir=str(run_dir),
-            mode=self.cfg.wandb.mode,
-            config=config,
+        self.wandb_run = WandbSink(
+            dict(
+                project=self.cfg.wandb.project,
+                entity=self.cfg.wandb.entity,
+                group=self.cfg.wandb.group or experiment,
+                name=experiment,
+                tags=list(self.cfg.wandb.tags),
+                id=wandb_run_id(run_dir),
+                dir=str(run_dir),
+                mode=self.cfg.wandb.mode,
+                config=config,
+            )
         )
-        self.wandb_dir = Path(self.wandb_run.dir).parent
+        self.wandb_dir = self.wandb_run.dir
 
     def log_values(self, row: dict[str, Any]) -> None:
         """``row`` (with its ``step``) to metrics.jsonl and W&B only: no console line, so it
@@ -98,7 +99,7 @@ class MetricsLogger:
         self._file.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
         self._file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, row["step"])
 
     def log(self, row: dict[str, Any]) -> None:
         self.log_values(row)
@@ -116,8 +117,7 @@ class MetricsLogger:
         import wandb
 
         self.wandb_run.log(
-            {name: wandb.Video(str(path), format="mp4") for name, path in media.items()},
-            step=step,
+            {name: wandb.Video(str(path), format="mp4") for name, path in media.items()}, step
         )
 
     def _console_line(self, row: dict[str, Any]) -> str:

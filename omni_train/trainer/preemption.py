@@ -8,12 +8,18 @@ A Python handler that was installed before the flag (submitit installs one for S
 requeues the slurm job) is deferred, not dropped: `restore` calls it once the loop has ended,
 i.e. after the preemption checkpoint is written, so the job is requeued with a checkpoint to
 resume from. Default and ignore dispositions are only put back.
+
+Slurm signals every process of a job step, not only the trainer: helper processes the trainer
+owns (loader workers, conversion subprocesses) ignore them (omni_train/stop_signals.py)
+and are ended by the trainer on purpose. The flag is installed before the process group and
+the engine are built, so a signal during start-up is not fatal either.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -38,6 +44,7 @@ def _is_deferrable(handler: object) -> bool:
 class SignalFlag:
     def __init__(self, names: list[str]) -> None:
         self.received: str | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
         self._previous: dict[signal.Signals, object] = {}
         for name in names:
             try:
@@ -52,11 +59,16 @@ class SignalFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+            self.received_at = time.monotonic()
             log.warning("received %s: saving after the current step, then exiting", self.received)
 
     @property
     def raised(self) -> bool:
         return self.received is not None
+
+    def seconds_since(self) -> float | None:
+        """Seconds since the first signal arrived (None without one)."""
+        return None if self.received_at is None else time.monotonic() - self.received_at
 
     def deferred_handler(self) -> Handler | None:
         """The handler that owned the received signal before the flag, if it is Python code."""

@@ -26,7 +26,7 @@ from omni_train.trainer.distributed import DistInfo, init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.lr_schedule import lr_lambda
 from omni_train.trainer.metrics import wandb_run_id
-from omni_train.trainer.preemption import PREEMPTED_MARKER
+from omni_train.trainer.preemption import PREEMPTED_MARKER, PreemptionError, SignalFlag
 from omni_train.trainer.run_state import (
     ResumePlan,
     loader_file,
@@ -80,6 +80,8 @@ class RunStart:
     ckpt_root: Path
     plan: ResumePlan | None
     ds_cfg: dict[str, Any]
+    # Installed first: a stop signal from here on is recorded, not fatal (run() acts on it).
+    signals: SignalFlag
 
 
 def start_run(
@@ -92,13 +94,20 @@ def start_run(
 ) -> RunStart:
     """Join the process group, prepare the run dir, find the checkpoint to resume and write
     this run's configs: the start every trainer shares."""
-    dist_info = init_distributed(tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm)
-    run_dir = Path(run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    prepare_run_dir(run_dir, ckpt_root, dist_info.is_main, log)
-    plan = plan_resume(ckpt_root, seed)
-    ds_cfg = engine_config(tcfg, batch_size, dist_info, plan, run_dir, resolved)
-    return RunStart(dist_info, run_dir, ckpt_root, plan, ds_cfg)
+    signals = SignalFlag(tcfg.preemption.signals)
+    try:
+        dist_info = init_distributed(
+            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
+        )
+        run_dir = Path(run_dir)
+        ckpt_root = run_dir / "checkpoints"
+        prepare_run_dir(run_dir, ckpt_root, dist_info.is_main, log)
+        plan = plan_resume(ckpt_root, seed)
+        ds_cfg = engine_config(tcfg, batch_size, dist_info, plan, run_dir, resolved)
+    except BaseException:
+        signals.restore()
+        raise
+    return RunStart(dist_info, run_dir, ckpt_root, plan, ds_cfg, signals)
 
 
 def engine_config(
@@ -222,13 +231,56 @@ def publish_checkpoint(
     return final
 
 
-def write_preempted_marker(run_dir: Path, step: int, signal_name: str | None, code: int) -> None:
+def write_preempted_marker(
+    run_dir: Path, step: int, signal_name: str | None, code: int, **timings: float | None
+) -> None:
     """Launchers that cannot see the exit code (torchrun reports any worker failure as 1)
-    requeue on this marker instead."""
+    requeue on this marker instead. ``timings`` (seconds: the save, signal to saved) show the
+    margin left before slurm's KillWait ends the job."""
     ckpt.write_json_atomic(
         run_dir / PREEMPTED_MARKER,
-        {"step": step, "signal": signal_name, "exit_code": code},
+        {
+            "step": step,
+            "signal": signal_name,
+            "exit_code": code,
+            **{k: round(v, 3) for k, v in timings.items() if v is not None},
+        },
     )
+
+
+def stop_preempted_marker(
+    run_dir: Path,
+    step: int,
+    flag: SignalFlag,
+    code: int,
+    save_seconds: float,
+    saved: Path,
+    is_main: bool,
+    log: logging.Logger,
+) -> None:
+    """After the preemption checkpoint: the marker (main rank), a log line with the save
+    time, then PreemptionError(code) on every rank."""
+    since_signal = flag.seconds_since()
+    if is_main:
+        write_preempted_marker(
+            run_dir,
+            step,
+            flag.received,
+            code,
+            save_seconds=save_seconds,
+            seconds_since_signal=since_signal,
+        )
+        log.warning(
+            "stopping on %s after step %d: saved %s in %.1f s%s; exiting with %d for a requeue "
+            "(slurm's KillWait, 30 s by default, bounds signal-to-exit at a time limit)",
+            flag.received or "a signal on another rank",
+            step,
+            saved,
+            save_seconds,
+            "" if since_signal is None else f", {since_signal:.1f} s after the signal",
+            code,
+        )
+    raise PreemptionError(code)
 
 
 def agree_across_ranks(nonfinite: bool, signalled: bool, device: torch.device) -> tuple[bool, bool]:

@@ -27,7 +27,7 @@ from omni_train.trainer import throughput
 from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.ema import EMA_FILE, ShardedEMA
 from omni_train.trainer.metrics import MetricsLogger
-from omni_train.trainer.preemption import PreemptionError, SignalFlag
+from omni_train.trainer.preemption import SignalFlag
 from omni_train.trainer.profiling import StepProfiler
 from omni_train.trainer.run_setup import (
     agree_across_ranks,
@@ -37,7 +37,7 @@ from omni_train.trainer.run_setup import (
     restore_rank_state,
     stage_checkpoint,
     start_run,
-    write_preempted_marker,
+    stop_preempted_marker,
     write_rank_state,
 )
 from omni_train.trainer.run_state import (
@@ -79,6 +79,15 @@ class Trainer:
         tcfg = cfg.trainer
         self.resolved = resolved
         start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        self.signals = start.signals
+        try:
+            self._build(start)
+        except BaseException:
+            self.signals.restore()
+            raise
+
+    def _build(self, start) -> None:
+        cfg, tcfg, resolved = self.cfg, self.cfg.trainer, self.resolved
         self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
         self.device = self.dist.device
         self.plan, ds_cfg = start.plan, start.ds_cfg
@@ -195,7 +204,7 @@ class Trainer:
     def run(self) -> None:
         tcfg = self.cfg.trainer
         batches = iter(self.loader)
-        flag = SignalFlag(tcfg.preemption.signals)
+        flag = self.signals
         try:
             if self.plan is None:  # a fresh start; a resumed run did this before its save
                 self._before_first_update()
@@ -218,11 +227,19 @@ class Trainer:
                 if self.nonfinite_in_row >= tcfg.nonfinite.max_consecutive:
                     self._stop_nonfinite()
                 if stop:
-                    self._stop_preempted(flag.received)
+                    self._stop_preempted(flag)
+                saved = None
                 if self.global_step % tcfg.save_every == 0 or self.global_step == tcfg.max_steps:
-                    self.save()
-                if self.validator is not None and self.global_step % tcfg.validation.every == 0:
+                    saved = self.save()
+                validated = (
+                    self.validator is not None and self.global_step % tcfg.validation.every == 0
+                )
+                if validated:
                     self._validate()
+                # A signal during the validation loss, a save or validation sampling stops
+                # now, not one step later: that work may have used much of slurm's KillWait.
+                if (val is not None or saved or validated) and self._agree(False, flag.raised)[1]:
+                    self._stop_preempted(flag, saved)
         finally:
             self.profiler.close()
             if self.metrics is not None:
@@ -268,19 +285,21 @@ class Trainer:
             "loader continues after the failing batches), or delete it to redo them"
         )
 
-    def _stop_preempted(self, signal_name: str | None) -> None:
-        saved = self.save(reason="preempted")
-        code = self.cfg.trainer.preemption.exit_code
-        if self.dist.is_main:
-            write_preempted_marker(self.run_dir, self.global_step, signal_name, code)
-            log.warning(
-                "stopping on %s after step %d: saved %s, exiting with %d for a requeue",
-                signal_name or "a signal on another rank",
-                self.global_step,
-                saved,
-                code,
-            )
-        raise PreemptionError(code)
+    def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
+        """Save (unless this step's checkpoint was just written), leave the marker a launcher
+        requeues on, and exit with the requeue code."""
+        started = time.monotonic()
+        saved = saved or self.save(reason="preempted")
+        stop_preempted_marker(
+            self.run_dir,
+            self.global_step,
+            flag,
+            self.cfg.trainer.preemption.exit_code,
+            time.monotonic() - started,
+            saved,
+            self.dist.is_main,
+            log,
+        )
 
     def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
         return agree_across_ranks(nonfinite, signalled, self.device)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from omni_train.stop_signals import ignore_stop_signals
+
 log = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"
@@ -52,7 +54,15 @@ def convert_to_universal(checkpoint: Path, run_dir: Path, timeout_s: float = 360
     ]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    # The conversion is a helper of the resuming trainer: a stop signal must not kill it.
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        preexec_fn=ignore_stop_signals,
+    )
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(

@@ -20,7 +20,7 @@ from omni_train.models.vae import vae_arch, vae_file_metadata
 from omni_train.models.weights import save_safetensors
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer.metrics import MetricsLogger
-from omni_train.trainer.preemption import PreemptionError, SignalFlag
+from omni_train.trainer.preemption import SignalFlag
 from omni_train.trainer.run_setup import (
     agree_across_ranks,
     build_engine,
@@ -29,7 +29,7 @@ from omni_train.trainer.run_setup import (
     restore_rank_state,
     stage_checkpoint,
     start_run,
-    write_preempted_marker,
+    stop_preempted_marker,
     write_rank_state,
 )
 from omni_train.trainer.run_state import ResumePlan, capture_rng, resized_data_seed
@@ -86,6 +86,15 @@ class VAETrainer:
         tcfg = cfg.trainer
         self.resolved = resolved
         start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        self.signals = start.signals
+        try:
+            self._build(start)
+        except BaseException:
+            self.signals.restore()
+            raise
+
+    def _build(self, start) -> None:
+        cfg, tcfg, resolved = self.cfg, self.cfg.trainer, self.resolved
         self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
         self.device = self.dist.device
         self.plan, ds_cfg = start.plan, start.ds_cfg
@@ -146,7 +155,7 @@ class VAETrainer:
     def run(self) -> None:
         tcfg, recipe = self.cfg.trainer, self.cfg.vae_training
         batches = iter(self.loader)
-        flag = SignalFlag(tcfg.preemption.signals)
+        flag = self.signals
         try:
             while self.global_step < tcfg.max_steps:
                 started = time.perf_counter()
@@ -156,13 +165,20 @@ class VAETrainer:
                 if self.global_step % tcfg.log_every == 0 or self.global_step == tcfg.max_steps:
                     self._log(totals, clips, frames, elapsed, data_wait)
                 if stop:
-                    self._stop_preempted(flag.received)
+                    self._stop_preempted(flag)
                 last = self.global_step == tcfg.max_steps
                 every = recipe.val_every
-                if self.val_clips and (last or (every > 0 and self.global_step % every == 0)):
+                validated = bool(self.val_clips) and (
+                    last or (every > 0 and self.global_step % every == 0)
+                )
+                if validated:
                     self.validate()
+                saved = None
                 if self.global_step % tcfg.save_every == 0 or last:
-                    self.save()
+                    saved = self.save()
+                # A signal during validation or a save stops now, not one step later.
+                if (validated or saved) and agree_across_ranks(False, flag.raised, self.device)[1]:
+                    self._stop_preempted(flag, saved)
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -225,13 +241,19 @@ class VAETrainer:
         if self.metrics is not None:
             self.metrics.log(row)
 
-    def _stop_preempted(self, signal_name: str | None) -> None:
-        saved = self.save(reason="preempted")
-        code = self.cfg.trainer.preemption.exit_code
-        if self.dist.is_main:
-            write_preempted_marker(self.run_dir, self.global_step, signal_name, code)
-            log.warning("stopping on %s: saved %s, exiting with %d", signal_name, saved, code)
-        raise PreemptionError(code)
+    def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
+        started = time.monotonic()
+        saved = saved or self.save(reason="preempted")
+        stop_preempted_marker(
+            self.run_dir,
+            self.global_step,
+            flag,
+            self.cfg.trainer.preemption.exit_code,
+            time.monotonic() - started,
+            saved,
+            self.dist.is_main,
+            log,
+        )
 
     # ----------------------------------------------------------------------------- evaluate
     def reconstruct(self, video: Tensor) -> Tensor:

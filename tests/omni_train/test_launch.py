@@ -178,7 +178,7 @@ def test_dry_runs_print_the_commands_and_run_nothing(tmp_path):
     proc = _run(["bash", "launch/torchrun.sh", "2", f"run_dir={tmp_path / 'run'}", *args], dry=True)
     assert "would run:" in proc.stdout and "--nproc_per_node 2" in proc.stdout
     assert "experiment: smoke" in proc.stdout
-    env_extra = {"RUN_DIR": str(tmp_path / "run"), "SLURM_NNODES": "2", "GPUS_PER_NODE": "4"}
+    env_extra = {"RUN_DIR": str(tmp_path / "run"), "SLURM_NNODES": "2", "NPROC_PER_NODE": "4"}
     proc = _run(["bash", "launch/slurm/train.sbatch", *args], dry=True, extra=env_extra)
     assert "would run: srun" in proc.stdout and "launch/torchrun.sh 4" in proc.stdout
     assert not (tmp_path / "run").exists()

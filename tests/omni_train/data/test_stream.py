@@ -227,3 +227,31 @@ def test_spawned_workers_give_the_same_batches(corpus):
         _cfg(corpus.pattern, num_workers=2, worker_start_method="spawn"), 0, 1, 0
     )
     assert _keys(_take(spawned, 3)) == default
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_outlive_the_stop_signals_slurm_sends_to_every_process(corpus, start_method):
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    cfg = _cfg(corpus.pattern, num_workers=2, worker_start_method=start_method)
+    want = _keys(_take(build_loader(cfg, 0, 1, 0), 4))
+    batches = iter(build_loader(cfg, 0, 1, 0))
+    got = _keys([next(batches)])
+    children = subprocess.run(
+        ["pgrep", "-P", str(os.getpid())], capture_output=True, text=True
+    ).stdout.split()
+    # Spawned workers share the parent with multiprocessing's resource tracker: not a worker.
+    workers = [
+        int(pid)
+        for pid in children
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 2, children
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(pid, sig)
+    got += _keys([next(batches) for _ in range(3)])
+    assert got == want

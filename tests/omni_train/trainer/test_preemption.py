@@ -140,7 +140,9 @@ def test_sigusr2_saves_exits_with_the_requeue_code_then_lets_submitit_requeue(tm
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert latest.name == "step_00000002" and ckpt.read_meta(latest)["reason"] == "preempted"
     marker = json.loads((run_dir / "preempted.json").read_text())
+    timings = {k: marker.pop(k) for k in ("save_seconds", "seconds_since_signal")}
     assert marker == {"step": 2, "signal": "SIGUSR2", "exit_code": 143}
+    assert 0 < timings["save_seconds"] <= timings["seconds_since_signal"] < 30
     # Only the signalled rank passes the signal on, once the checkpoint is on disk.
     handled = json.loads((run_dir / "requeued_by_rank0.json").read_text())
     assert handled == {"signal": "SIGUSR2", "checkpoint": "step_00000002"}
