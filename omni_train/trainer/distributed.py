@@ -25,8 +25,13 @@ class DistInfo:
 def slurm_rank_environment(env: dict[str, str]) -> dict[str, str]:
     """RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR for one process per task started by srun or
     the Hydra submitit launcher (no torchrun); empty when torchrun already set them."""
-    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+    if "RANK" in env or "SLURM_PROCID" not in env:
         return {}
+    job_port = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    if int(env.get("SLURM_NTASKS", "1")) < 2:
+        # One rank still opens a rendezvous port: a fixed default would collide with any
+        # other one-rank job on the node (e.g. the points of a sweep).
+        return {} if "MASTER_PORT" in env else {"MASTER_PORT": job_port}
     found = {
         "RANK": env["SLURM_PROCID"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
@@ -35,7 +40,7 @@ def slurm_rank_environment(env: dict[str, str]) -> dict[str, str]:
     if "MASTER_ADDR" not in env:
         found["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     if "MASTER_PORT" not in env:
-        found["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        found["MASTER_PORT"] = job_port
     return found
 
 

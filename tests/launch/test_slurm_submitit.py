@@ -27,12 +27,9 @@ LRS = (1e-3, 1e-3, 2e-3)
 INTERRUPTED = 0
 SWEEP_TIMEOUT = 480
 DEAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-JOB_SETUP = [
-    "export WANDB_MODE=offline HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1",
-    # One rank per job falls back to MASTER_PORT=29500, so two points sharing a node would
-    # both listen there (EADDRINUSE): give each job its own port.
-    "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-]
+# Two one-rank points share the node: each must find its own rendezvous port by itself
+# (omni_train/trainer/distributed.py derives it from the job id).
+JOB_SETUP = ["export WANDB_MODE=offline HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1"]
 
 
 def launcher_overrides() -> list[str]:
