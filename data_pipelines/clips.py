@@ -1,4 +1,4 @@
-"""Decode a source at the target frame rate, find hard cuts, and cut it into clips.
+"""Find hard cuts in a stream of frames and cut it into clips (decoding: decoding.py).
 
 A clip never straddles a cut: each shot is cut into ``clip_seconds`` pieces and a shot's
 tail shorter than ``min_clip_seconds`` is dropped.
@@ -7,97 +7,11 @@ tail shorter than ``min_clip_seconds`` is dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import av
 import numpy as np
-
-from data_pipelines.probe import RejectedInput
 
 HIST_BINS = 16
 CUT_NEIGHBOURHOOD = 4  # frames on each side that a cut's score must stand out from
-
-
-@dataclass(frozen=True)
-class DecodedSource:
-    frames: np.ndarray  # (N, H, W, 3) uint8, frame k shows the source at time k / fps
-    fps: float
-    audio: np.ndarray | None  # (S,) float32 mono at sample_rate, sample 0 = frame 0's time
-    sample_rate: int
-
-
-def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) scaled down so the longest side is at most max_side, both even."""
-    scale = min(1.0, max_side / max(width, height))
-    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
-
-
-def decode_source(path: Path, fps: float, max_side: int, sample_rate: int) -> DecodedSource:
-    """Frames at ``fps`` (the source frame nearest each time step) and the mono audio track."""
-    try:
-        frames, video_start = _decode_frames(path, fps, max_side)
-    except av.error.FFmpegError as err:
-        why = getattr(err, "strerror", None) or str(err)
-        raise RejectedInput("decode_error", f"the video stream stops decoding ({why})") from err
-    if not frames:
-        raise RejectedInput("no_frames", "the video stream decodes to no frames")
-    try:
-        audio = _decode_audio(path, sample_rate, video_start)
-    except av.error.FFmpegError:
-        audio = None  # a damaged audio track leaves a usable silent video
-    return DecodedSource(np.stack(frames), fps, audio, sample_rate)
-
-
-def _decode_frames(path: Path, fps: float, max_side: int) -> tuple[list[np.ndarray], float]:
-    out: list[np.ndarray] = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        size = output_size(stream.codec_context.width, stream.codec_context.height, max_side)
-        period = 1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / fps
-
-        def convert(frame: av.VideoFrame) -> np.ndarray:
-            return frame.reformat(
-                width=size[0], height=size[1], format="rgb24", interpolation="AREA"
-            ).to_ndarray()
-
-        start, previous, previous_time, index = None, None, 0.0, 0
-        for frame in container.decode(stream):
-            time = frame.time if frame.time is not None else index * period
-            index += 1
-            start = time if start is None else start
-            time -= start
-            # Emit every target time this frame (or the one before it) is nearest to.
-            while len(out) / fps <= time:
-                target = len(out) / fps
-                use_previous = previous is not None and target - previous_time < time - target
-                out.append(convert(previous if use_previous else frame))
-            previous, previous_time = frame, time
-        # The last frame is shown for one source frame period.
-        while previous is not None and len(out) / fps < previous_time + period / 2:
-            out.append(convert(previous))
-    return out, start or 0.0
-
-
-def _decode_audio(path: Path, sample_rate: int, video_start: float) -> np.ndarray | None:
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            return None
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        pieces, first_time = [], None
-        for frame in container.decode(container.streams.audio[0]):
-            if first_time is None and frame.time is not None:
-                first_time = frame.time
-            pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    if not pieces:
-        return None
-    audio = np.concatenate(pieces).astype(np.float32)
-    # Align sample 0 with the first video frame.
-    shift = round(((first_time or 0.0) - video_start) * sample_rate)
-    if shift > 0:
-        return np.concatenate([np.zeros(shift, np.float32), audio])
-    return audio[-shift:]
 
 
 def frame_change_scores(frames: np.ndarray) -> np.ndarray:
@@ -158,3 +72,96 @@ def clip_spans(
             if end - start >= min_frames:
                 spans.append((start, end))
     return spans
+
+
+@dataclass(frozen=True)
+class Clip:
+    start: int  # frame index of its first frame
+    frames: np.ndarray  # (T, H, W, 3) uint8
+
+
+class ShotCutter:
+    """The clips of a stream of frames, cut as ``detect_cuts`` + ``clip_spans`` cut the whole
+    list, holding only the current clip and the few frames of look-ahead a cut decision
+    needs (CUT_NEIGHBOURHOOD + 1)."""
+
+    def __init__(self, threshold: float, clip_frames: int, min_frames: int) -> None:
+        self.threshold, self.clip_frames, self.min_frames = threshold, clip_frames, min_frames
+        self.frames: list[np.ndarray] = []  # frames from index self.first on
+        self.first = 0
+        self.count = 0  # frames pushed
+        self.scores: dict[int, float] = {}  # score k compares frames k and k+1
+        self.cuts: list[int] = []  # decided cut positions not yet passed
+        self.decided = 0  # every cut position <= decided is known
+        self.piece = 0  # first frame of the clip being filled
+        self._features: tuple[np.ndarray, np.ndarray] | None = None
+
+    def push(self, frame: np.ndarray, new_shot: bool = False) -> list[Clip]:
+        """Add the next frame (``new_shot``: a cut is known to precede it)."""
+        features = _frame_features(frame)
+        if self._features is not None:
+            self.scores[self.count - 1] = _change_score(self._features, features)
+        self._features = features
+        if new_shot and self.count > 0:
+            self.cuts.append(self.count)
+        self.frames.append(frame)
+        self.count += 1
+        self._decide(final=False)
+        return self._emit(final=False)
+
+    def finish(self) -> list[Clip]:
+        self._decide(final=True)
+        return self._emit(final=True)
+
+    def _decide(self, final: bool) -> None:
+        n = self.count - 1  # number of scores
+        while self.decided < n and (final or self.decided + CUT_NEIGHBOURHOOD < n):
+            k = self.decided  # decides cut position k + 1
+            lo, hi = max(0, k - CUT_NEIGHBOURHOOD), min(n, k + CUT_NEIGHBOURHOOD + 1)
+            neighbours = [self.scores[j] for j in range(lo, hi) if j != k]
+            typical = float(np.median(neighbours)) if neighbours else 0.0
+            score = self.scores[k]
+            if score > self.threshold and score > 3.0 * typical and k + 1 not in self.cuts:
+                self.cuts.append(k + 1)
+            self.decided += 1
+            self.scores.pop(k - CUT_NEIGHBOURHOOD, None)  # no longer anyone's neighbour
+        if final:
+            self.decided = self.count
+
+    def _emit(self, final: bool) -> list[Clip]:
+        out = []
+        while True:
+            ahead = sorted(c for c in self.cuts if c > self.piece)
+            end = min([self.piece + self.clip_frames, *ahead[:1], self.count])
+            if end <= self.piece:
+                break
+            complete = end == self.piece + self.clip_frames or (ahead and end == ahead[0])
+            if not final and not (complete and self.decided >= end - 1 and end <= self.count):
+                break
+            if not complete and not final:
+                break
+            if end - self.piece >= self.min_frames:
+                start = self.piece - self.first
+                out.append(Clip(self.piece, np.stack(self.frames[start : end - self.first])))
+            self.piece = end
+            self.cuts = [c for c in self.cuts if c > self.piece]
+            drop = self.piece - self.first
+            del self.frames[:drop]
+            self.first = self.piece
+        return out
+
+
+def _frame_features(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pixels = frame.shape[0] * frame.shape[1]
+    hist = np.concatenate(
+        [np.bincount(frame[..., c].ravel() // (256 // HIST_BINS), minlength=HIST_BINS)
+         for c in range(3)]
+    ) / pixels  # fmt: skip
+    return hist, _block_means(frame[None].astype(np.float32), 8)[0]
+
+
+def _change_score(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """frame_change_scores for one pair of frames, from their features."""
+    hist_distance = 0.5 * np.abs(b[0] - a[0]).sum() / 3
+    block_difference = np.abs(b[1] - a[1]).mean() / 255.0
+    return float(np.float32(0.5 * hist_distance + 0.5 * min(1.0, 4.0 * block_difference)))

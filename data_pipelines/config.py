@@ -102,6 +102,15 @@ class ShardConfig:
     audio_sample_rate: int = 16000
     # x264 constant rate factor of the stored clips (lower is better quality, larger files).
     crf: int = 20
+    # Damaged media (data_pipelines/decoding.py): an undecodable packet is skipped (the video
+    # holds its last frame, the audio is silent over the gap) and counted in the clip's
+    # "damage"; a clip whose lost video or audio exceeds this share of its length is rejected.
+    max_damaged_fraction: float = 0.1
+    # A timestamp gap longer than this with nothing lost (or any step back) is a jump: closed
+    # up, with a clip boundary there; shorter gaps are still stretches (variable frame rate).
+    max_gap_seconds: float = 2.0
+    # Where a source's decoded audio waits for its clips ("" = the system's temp folder).
+    spill_dir: str = ""
     # Sources processed in parallel (1 = in this process).
     workers: int = 1
     # Optional captions manifest (jsonl rows {"path": ..., "caption": ...} or a csv with a

@@ -13,13 +13,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
 from data_pipelines import measures
 from data_pipelines.annotations import Sidecars, read_sidecars
 from data_pipelines.annotators import AnnotatorUnavailable, ClipView, Findings, build_annotators
-from data_pipelines.clips import DecodedSource, clip_spans, decode_source, detect_cuts
+from data_pipelines.clips import Clip, ShotCutter
 from data_pipelines.config import ShardConfig
+from data_pipelines.decoding import AudioTrack, DamageLog, video_frames, video_origin
 from data_pipelines.media import encode_mp4
 from data_pipelines.probe import RejectedInput, probe_video
 from data_pipelines.tags import condition_tiers
@@ -92,88 +94,151 @@ def process_source(
 
 def _process(path: Path, source: str, cfg: ShardConfig, caption: str | None) -> SourceResult:
     probe_video(path, cfg.min_clip_seconds)
-    decoded = decode_source(path, cfg.fps, cfg.max_side, cfg.audio_sample_rate)
-    clip_frames = max(1, round(cfg.clip_seconds * cfg.fps))
-    min_frames = max(1, math.ceil(cfg.min_clip_seconds * cfg.fps - 1e-6))
-    if len(decoded.frames) < min_frames:
-        raise RejectedInput(
-            "too_short",
-            f"{len(decoded.frames)} frames at {cfg.fps} fps, fewer than the {min_frames} of "
-            f"min_clip_seconds={cfg.min_clip_seconds}",
-        )
-    cuts = detect_cuts(decoded.frames, cfg.shot_threshold)
-    spans = clip_spans(len(decoded.frames), cuts, clip_frames, min_frames)
-    if not spans:
-        raise RejectedInput(
-            "no_usable_clip",
-            f"{len(cuts) + 1} shots, none at least min_clip_seconds={cfg.min_clip_seconds} long",
-        )
     sidecars = read_sidecars(path)
     chosen = CaptionChoice(sidecars.caption, "sidecar" if sidecars.caption else "none")
     if caption is not None:
         chosen = CaptionChoice(" ".join(caption.split()), "manifest")
-    floor = None
-    if decoded.audio is not None:
-        floor = measures.noise_floor_dbfs(decoded.audio, decoded.sample_rate, cfg.vad)
+    damage = DamageLog()
+    audio = AudioTrack.decode(
+        path,
+        cfg.audio_sample_rate,
+        video_origin(path),
+        damage,
+        cfg.max_gap_seconds,
+        cfg.spill_dir or None,
+    )
+    try:
+        return _cut_and_measure(path, source, cfg, sidecars, chosen, damage, audio)
+    finally:
+        if audio is not None:
+            audio.close()
+
+
+def _cut_and_measure(
+    path: Path,
+    source: str,
+    cfg: ShardConfig,
+    sidecars: Sidecars,
+    caption: CaptionChoice,
+    damage: DamageLog,
+    audio: AudioTrack | None,
+) -> SourceResult:
+    """Stream the video through the shot cutter; each clip is measured and encoded as soon
+    as it is complete, so memory holds one clip whatever the source's length."""
+    fps = cfg.fps
+    clip_frames = max(1, round(cfg.clip_seconds * fps))
+    min_frames = max(1, math.ceil(cfg.min_clip_seconds * fps - 1e-6))
+    floor = track_noise_floor(audio, cfg.vad) if audio is not None else None
+    cutter = ShotCutter(cfg.shot_threshold, clip_frames, min_frames)
     result = SourceResult(source)
-    for clip_index, (start, end) in enumerate(spans):
-        sample = _make_sample(
-            decoded, sidecars, chosen, source, path, clip_index, start, end, floor, cfg
+    context = _SourceContext(path, source, sidecars, caption, damage, audio, floor, cfg)
+    frames = 0
+    try:
+        for out in video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds):
+            frames += 1
+            for clip in cutter.push(out.image, out.new_shot):
+                _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
+        for clip in cutter.finish():
+            _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
+    except av.error.FFmpegError as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise RejectedInput("decode_error", f"the video stream stops decoding ({why})") from err
+    if frames < min_frames:
+        raise RejectedInput(
+            "too_short",
+            f"{frames} frames at {fps} fps, fewer than the {min_frames} of "
+            f"min_clip_seconds={cfg.min_clip_seconds}",
         )
-        if isinstance(sample, dict):
-            result.rejects.append(sample)
-        else:
-            result.samples.append(sample)
+    if not result.samples and not result.rejects:
+        raise RejectedInput(
+            "no_usable_clip",
+            f"no shot is at least min_clip_seconds={cfg.min_clip_seconds} long",
+        )
     if not result.samples:
         raise RejectedInput(
             "no_usable_clip",
-            f"all {len(spans)} clips were left out: "
+            f"all {len(result.rejects)} clips were left out: "
             + ", ".join(sorted({r["reason"] for r in result.rejects})),
         )
     return result
 
 
-def _make_sample(
-    decoded: DecodedSource,
-    sidecars: Sidecars,
-    caption: CaptionChoice,
-    source: str,
-    path: Path,
-    clip_index: int,
-    start: int,
-    end: int,
-    floor: float | None,
-    cfg: ShardConfig,
-) -> Sample | dict:
-    fps, sr = decoded.fps, decoded.sample_rate
-    frames = decoded.frames[start:end]
-    start_s, end_s = start / fps, end / fps
+def _add(result: SourceResult, sample: Sample | dict) -> None:
+    if isinstance(sample, dict):
+        result.rejects.append(sample)
+    else:
+        result.samples.append(sample)
+
+
+@dataclass(frozen=True)
+class _SourceContext:
+    path: Path
+    source: str
+    sidecars: Sidecars
+    caption: CaptionChoice
+    damage: DamageLog
+    audio: AudioTrack | None
+    floor: float | None
+    cfg: ShardConfig
+
+
+def track_noise_floor(track: AudioTrack, vad) -> float:
+    """measures.noise_floor_dbfs of the whole track, read from disk in pieces: the same hop
+    windows (overlapping pieces by one window less one hop), so the same figure."""
+    sr = track.sample_rate
+    frame = max(1, round(vad.frame_seconds * sr))
+    hop = max(1, round(vad.hop_seconds * sr))
+    if track.num_samples < frame:
+        return measures.noise_floor_dbfs(track.slice(track.start, track.start + 1e9), sr, vad)
+    hops_per_piece = 4096
+    energies, carry = [], np.zeros(0, np.float32)
+    for chunk in track.chunks(hops_per_piece * hop):
+        data = np.concatenate([carry, chunk])
+        usable = (len(data) - frame) // hop + 1 if len(data) >= frame else 0
+        if usable > 0:
+            energies.append(measures.hop_energies_dbfs(data[: (usable - 1) * hop + frame], sr, vad))
+            data = data[usable * hop :]
+        carry = data
+    return float(np.percentile(np.concatenate(energies), 10))
+
+
+def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample | dict:
+    cfg = context.cfg
+    fps = float(cfg.fps)
+    sr = cfg.audio_sample_rate
+    frames = clip.frames
+    start_s, end_s = clip.start / fps, (clip.start + len(frames)) / fps
+    rejected = {"source": context.source, "start": start_s, "end": end_s}
     if measures.contrast(frames) < cfg.min_frame_contrast:
         return {
-            "source": source,
+            **rejected,
             "reason": "blank",
-            "start": start_s,
-            "end": end_s,
             "detail": f"grey-level contrast below min_frame_contrast={cfg.min_frame_contrast}",
         }
-    audio = None
-    if decoded.audio is not None:
-        audio = decoded.audio[round(start_s * sr) : round(end_s * sr)]
-        audio = np.pad(audio, (0, max(0, round(end_s * sr) - round(start_s * sr) - len(audio))))
-    clip = ClipView(
-        source=source, path=path, frames=frames, fps=fps, audio=audio, sample_rate=sr,
-        start=start_s, end=end_s, floor_dbfs=floor, caption=caption.text,
-        sidecar_pose=sidecars.pose, vad=cfg.vad,
+    damage = context.damage.within(start_s, end_s)
+    lost = max(damage["video_seconds_dropped"], damage["audio_seconds_dropped"])
+    if lost > cfg.max_damaged_fraction * (end_s - start_s):
+        return {
+            **rejected,
+            "reason": "damaged",
+            "detail": f"{lost:.2f} s of {end_s - start_s:.2f} s lost to undecodable packets "
+            f"(max_damaged_fraction={cfg.max_damaged_fraction}): {damage}",
+        }
+    audio = context.audio.slice(start_s, end_s) if context.audio is not None else None
+    view = ClipView(
+        source=context.source, path=context.path, frames=frames, fps=fps, audio=audio,
+        sample_rate=sr, start=start_s, end=end_s, floor_dbfs=context.floor,
+        caption=context.caption.text, sidecar_pose=context.sidecars.pose, vad=cfg.vad,
     )  # fmt: skip
-    found = annotate_clip(clip, build_annotators(cfg.annotators))
-    text = str(found.fields.pop("caption", caption.text))
+    found = annotate_clip(view, build_annotators(cfg.annotators))
+    text = str(found.fields.pop("caption", context.caption.text))
     if "caption" not in found.methods:
-        found.methods["caption"] = caption.origin if text else "none"
+        found.methods["caption"] = context.caption.origin if text else "none"
     quality = condition_tiers(found.scores, text, cfg.thresholds)
-    key = f"{source_id(source)}_c{clip_index:04d}"
+    key = f"{source_id(context.source)}_c{clip_index:04d}"
     meta = {
         "key": key,
-        "source": source,
+        "source": context.source,
         "clip_index": clip_index,
         "start": round(start_s, 6),
         "end": round(end_s, 6),
@@ -186,6 +251,7 @@ def _make_sample(
         "keypoints": found.fields.pop("keypoints", None),
         "keypoints_format": found.fields.pop("keypoints_format", None),
         **found.fields,
+        "damage": damage,
         "quality": {
             **quality,
             "scores": found.scores,

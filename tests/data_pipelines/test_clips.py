@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipelines.clips import clip_spans, decode_source, detect_cuts, output_size
+from data_pipelines.clips import ShotCutter, clip_spans, detect_cuts
+from data_pipelines.decoding import AudioTrack, DamageLog, output_size, video_frames, video_origin
 from data_pipelines.media import encode_mp4
 
 
@@ -69,10 +70,61 @@ def test_decode_resamples_frames_and_aligns_audio(tmp_path):
     audio[16000:17600] = 0.5
     path = tmp_path / "ramp.mp4"
     path.write_bytes(encode_mp4(frames, 25, audio, 16000, crf=0))
-    decoded = decode_source(path, fps=8.0, max_side=160, sample_rate=16000)
-    assert len(decoded.frames) == 32  # 0, 0.125, ..., 3.875 s
-    levels = decoded.frames[:, 16, 24, 0].astype(int)
+    damage = DamageLog()
+    decoded = np.stack([f.image for f in video_frames(path, 8.0, 160, damage, 2.0)])
+    assert len(decoded) == 32  # 0, 0.125, ..., 3.875 s
+    levels = decoded[:, 16, 24, 0].astype(int)
     expected = 2 * np.round(np.arange(32) * 25 / 8)
     assert np.abs(levels - expected).max() <= 3
-    loud = np.flatnonzero(np.abs(decoded.audio) > 0.25) / 16000
+    track = AudioTrack.decode(path, 16000, video_origin(path), damage, 2.0)
+    try:
+        audio = track.slice(0.0, 4.0)
+    finally:
+        track.close()
+    assert not track.file.exists() and damage.events == []
+    loud = np.flatnonzero(np.abs(audio) > 0.25) / 16000
     assert abs(loud[0] - 1.0) < 0.01 and abs(loud[-1] - 1.1) < 0.01
+
+
+def _shots(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random shots: flat, noisy or with a moving bar, of random lengths."""
+    frames: list[np.ndarray] = []
+    while len(frames) < n:
+        length, base, kind = int(rng.integers(1, 40)), rng.integers(0, 255, 3), rng.integers(3)
+        for i in range(length):
+            frame = np.zeros((16, 24, 3), np.uint8) + base.astype(np.uint8)
+            if kind == 1:
+                frame = (frame + rng.integers(0, 60, frame.shape)).astype(np.uint8)
+            if kind == 2:
+                frame[:, : (i * 3) % 24] = 255
+            frames.append(frame)
+    return np.stack(frames[:n])
+
+
+def test_streaming_cutter_cuts_exactly_as_the_whole_list_is_cut():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        frames = _shots(rng, int(rng.integers(1, 90)))
+        clip_frames = int(rng.integers(2, 30))
+        min_frames = int(rng.integers(1, clip_frames + 1))
+        want = clip_spans(len(frames), detect_cuts(frames, 0.3), clip_frames, min_frames)
+        cutter, clips = ShotCutter(0.3, clip_frames, min_frames), []
+        for frame in frames:
+            clips += cutter.push(frame)
+            # Bounded: the clip being filled plus the look-ahead of a cut decision.
+            assert len(cutter.frames) <= clip_frames + 6
+        clips += cutter.finish()
+        assert [(c.start, c.start + len(c.frames)) for c in clips] == want
+        for clip in clips:
+            np.testing.assert_array_equal(
+                clip.frames, frames[clip.start : clip.start + len(clip.frames)]
+            )
+
+
+def test_a_known_new_shot_starts_a_new_clip():
+    frames = np.zeros((20, 16, 16, 3), np.uint8) + 100
+    cutter, clips = ShotCutter(0.3, clip_frames=8, min_frames=4), []
+    for index, frame in enumerate(frames):
+        clips += cutter.push(frame, new_shot=index == 6)
+    clips += cutter.finish()
+    assert [(c.start, len(c.frames)) for c in clips] == [(0, 6), (6, 8), (14, 6)]

@@ -149,14 +149,15 @@ def test_bad_inputs_are_rejected_with_reasons(sample, tmp_path):
     stats = run_shard(ShardConfig(input_dir=str(inputs), output_dir=str(tmp_path / "out")))
 
     reasons = {r["source"]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    # The damaged file loses only its clips whose packets did not decode; the rest is kept.
     assert reasons == {
         "broken.mp4": "unreadable", "empty.mp4": "empty_file", "notes.mp4": "unreadable",
         "voice_only.mp4": "no_video_stream",
-        "damaged.mp4": "decode_error", "short.mov": "too_short",
+        "damaged.mp4": "damaged", "short.mov": "too_short",
     }  # fmt: skip
     manifest = read_jsonl(tmp_path / "out" / "manifest.jsonl")
-    assert {row["source"] for row in manifest} == {"nested/GOOD.MP4"}
-    assert stats["inputs"] == 7 and stats["inputs_rejected"] == 6
+    assert {row["source"] for row in manifest} == {"nested/GOOD.MP4", "damaged.mp4"}
+    assert stats["inputs"] == 7 and stats["inputs_rejected"] == 5
     good_key = f"{source_id('nested/GOOD.MP4')}_c0000"
     caption = json.loads(shard_members(tmp_path / "out")[good_key]["json"])["caption"]
     assert caption.startswith("a person")
