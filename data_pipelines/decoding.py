@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # A gap in a stream's timestamps shorter than this, with no packet lost, is a still stretch
 # (variable frame rate); a longer one is a timestamp jump.
 DEFAULT_MAX_GAP_SECONDS = 2.0
+# Decoders report damage instead of concealing it: checksums (AC3, some MP3) are verified and
+# any bitstream error fails the packet, which is then counted and skipped.
+ERROR_DETECTION = {"err_detect": "crccheck+bitstream+buffer+explode"}
 
 
 @dataclass(frozen=True)
@@ -170,18 +173,26 @@ def video_frames(
             raise RejectedInput("no_video", "the file has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        # Report a damaged packet as an error instead of concealing it with smeared blocks.
-        stream.codec_context.options = {"err_detect": "explode"}
+        stream.codec_context.options = dict(ERROR_DETECTION)
         period = 1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / fps
         timeline = Timeline(max_gap)
         previous: tuple[av.VideoFrame, float] | None = None
         convert = None
         index = 0
         losses = damage.added
+        unseen = _UnseenPackets()
         for packet in _packets(container, stream, damage, "video", timeline.to_output):
-            for frame in _decode(packet, damage, "video", timeline.to_output):
+            before = damage.added
+            decoded = _decode(packet, damage, "video", timeline.to_output)
+            unseen.sent(packet, failed=damage.added > before)
+            for frame in decoded:
                 raw = frame.time if frame.time is not None else index * period
                 index += 1
+                lost = unseen.lost_before(raw)
+                if lost:  # packets that decoded to nothing (e.g. after a damaged keyframe)
+                    gap_start = timeline.to_output(lost[0])
+                    damage.add("video", "dropped_packet", gap_start, timeline.to_output(raw),
+                               packets=len(lost))  # fmt: skip
                 dropped, losses = damage.added > losses, damage.added
                 time = timeline.place(raw, period, dropped)
                 if timeline.jumped:
@@ -207,6 +218,36 @@ def video_frames(
         raise RejectedInput("no_frames", "the video stream decodes to no frames")
 
 
+class _UnseenPackets:
+    """Video packets sent to the decoder whose frame has not come out yet. When a frame comes
+    out, a packet sent before its own with an earlier time that is still missing was lost
+    without an error (a decoder drops the frames that depend on a damaged keyframe)."""
+
+    KEEP = 256  # packets remembered; far more than any decoder's delay
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, float]] = []  # (send order, time)
+        self.sent_count = 0
+
+    def sent(self, packet, failed: bool) -> None:
+        if packet.pts is not None and packet.size and not failed:
+            self.pending.append((self.sent_count, float(packet.pts * packet.time_base)))
+            del self.pending[: -self.KEEP]
+        self.sent_count += 1
+
+    def lost_before(self, time: float) -> list[float]:
+        own = next((order for order, t in self.pending if abs(t - time) < 1e-6), None)
+        if own is None:  # a frame time that is no packet's: nothing can be concluded
+            return []
+        lost = sorted(t for order, t in self.pending if order < own and t < time - 1e-6)
+        self.pending = [
+            (order, t)
+            for order, t in self.pending
+            if order != own and not (order < own and t < time - 1e-6)
+        ]
+        return lost
+
+
 def _converter(first: av.VideoFrame, max_side: int):
     """frame -> upright RGB at the output size (the size fixed by the first frame)."""
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
@@ -221,7 +262,8 @@ def _converter(first: av.VideoFrame, max_side: int):
             width=scaled[0], height=scaled[1], format="rgb24", interpolation="AREA"
         ).to_ndarray()
         if rotation:
-            # The display matrix rotates counter-clockwise by `rotation` degrees.
+            # `rotation` is the display matrix's counter-clockwise turn (a phone's clockwise
+            # "rotate=90" tag reads -90, i.e. 270 here); np.rot90 turns counter-clockwise.
             image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
         return image
 
@@ -257,6 +299,7 @@ class AudioTrack:
                     file.unlink()
                     return None
                 stream = container.streams.audio[0]
+                stream.codec_context.options = dict(ERROR_DETECTION)
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
                 timeline = Timeline(max_gap)
                 timeline.origin = video_origin
@@ -343,7 +386,7 @@ def video_origin(path: Path) -> float:
     """The time of the first decodable video frame (output time 0), for aligning the audio."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.codec_context.options = {"err_detect": "explode"}  # as video_frames decodes
+        stream.codec_context.options = dict(ERROR_DETECTION)  # as video_frames decodes
         try:
             for packet in container.demux(stream):
                 try:

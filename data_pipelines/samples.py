@@ -10,6 +10,9 @@ import hashlib
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +54,9 @@ class SourceResult:
     samples: list[Sample] = field(default_factory=list)
     # Rows for rejects.jsonl: the whole input, or single clips of it.
     rejects: list[dict] = field(default_factory=list)
+    # Seconds spent per stage: "decode_audio", "decode_video", "cut", "encode",
+    # "annotate/NAME" per annotator, and "other" for the rest of the source's time.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def source_id(source: str) -> str:
@@ -70,8 +76,11 @@ def process_source(
     """Probe, decode, split, annotate, tag and encode one input. Never raises for a bad
     input (it becomes a reject); raises AnnotatorUnavailable, a setting to fix.
     ``caption`` comes from the captions manifest and wins over a NAME.txt sidecar."""
+    started = time.perf_counter()
     try:
-        return _process(path, source, cfg, caption)
+        result = _process(path, source, cfg, caption)
+        result.timings["total"] = time.perf_counter() - started
+        return result
     except AnnotatorUnavailable:
         raise
     except RejectedInput as err:
@@ -99,16 +108,18 @@ def _process(path: Path, source: str, cfg: ShardConfig, caption: str | None) -> 
     if caption is not None:
         chosen = CaptionChoice(" ".join(caption.split()), "manifest")
     damage = DamageLog()
-    audio = AudioTrack.decode(
-        path,
-        cfg.audio_sample_rate,
-        video_origin(path),
-        damage,
-        cfg.max_gap_seconds,
-        cfg.spill_dir or None,
-    )
+    timings = Timings()
+    with timings.stage("decode_audio"):
+        audio = AudioTrack.decode(
+            path,
+            cfg.audio_sample_rate,
+            video_origin(path),
+            damage,
+            cfg.max_gap_seconds,
+            cfg.spill_dir or None,
+        )
     try:
-        return _cut_and_measure(path, source, cfg, sidecars, chosen, damage, audio)
+        return _cut_and_measure(path, source, cfg, sidecars, chosen, damage, audio, timings)
     finally:
         if audio is not None:
             audio.close()
@@ -122,6 +133,7 @@ def _cut_and_measure(
     caption: CaptionChoice,
     damage: DamageLog,
     audio: AudioTrack | None,
+    timings: Timings,
 ) -> SourceResult:
     """Stream the video through the shot cutter; each clip is measured and encoded as soon
     as it is complete, so memory holds one clip whatever the source's length."""
@@ -130,13 +142,20 @@ def _cut_and_measure(
     min_frames = max(1, math.ceil(cfg.min_clip_seconds * fps - 1e-6))
     floor = track_noise_floor(audio, cfg.vad) if audio is not None else None
     cutter = ShotCutter(cfg.shot_threshold, clip_frames, min_frames)
-    result = SourceResult(source)
-    context = _SourceContext(path, source, sidecars, caption, damage, audio, floor, cfg)
+    result = SourceResult(source, timings=timings.seconds)
+    context = _SourceContext(path, source, sidecars, caption, damage, audio, floor, cfg, timings)
     frames = 0
+    decoded = video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds)
     try:
-        for out in video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds):
+        while True:
+            with timings.stage("decode_video"):
+                out = next(decoded, None)
+            if out is None:
+                break
             frames += 1
-            for clip in cutter.push(out.image, out.new_shot):
+            with timings.stage("cut"):
+                clips = cutter.push(out.image, out.new_shot)
+            for clip in clips:
                 _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
         for clip in cutter.finish():
             _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
@@ -180,6 +199,7 @@ class _SourceContext:
     audio: AudioTrack | None
     floor: float | None
     cfg: ShardConfig
+    timings: Timings
 
 
 def track_noise_floor(track: AudioTrack, vad) -> float:
@@ -230,7 +250,7 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
         sample_rate=sr, start=start_s, end=end_s, floor_dbfs=context.floor,
         caption=context.caption.text, sidecar_pose=context.sidecars.pose, vad=cfg.vad,
     )  # fmt: skip
-    found = annotate_clip(view, build_annotators(cfg.annotators))
+    found = annotate_clip(view, build_annotators(cfg.annotators), context.timings)
     text = str(found.fields.pop("caption", context.caption.text))
     if "caption" not in found.methods:
         found.methods["caption"] = context.caption.origin if text else "none"
@@ -258,15 +278,33 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
             "methods": dict(sorted(found.methods.items())),
         },
     }
-    mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf)
+    with context.timings.stage("encode"):
+        mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf)
     return Sample(key, mp4, meta)
 
 
-def annotate_clip(clip: ClipView, annotators: list) -> Findings:
+class Timings:
+    """Seconds per stage of one source, summed over its clips."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def annotate_clip(clip: ClipView, annotators: list, timings: Timings | None = None) -> Findings:
     """Run the annotators in order; scores that are not finite numbers are left out."""
     found = Findings()
+    timings = timings or Timings()
     for annotator in annotators:
-        annotator(clip, found)
+        with timings.stage(f"annotate/{getattr(annotator, 'name', type(annotator).__name__)}"):
+            annotator(clip, found)
     found.scores = {
         name: round(float(value), 6)
         for name, value in found.scores.items()
