@@ -116,8 +116,9 @@ class ShardConfig:
     # Optional captions manifest (jsonl rows {"path": ..., "caption": ...} or a csv with a
     # path,caption header); paths relative to input_dir. It wins over NAME.txt sidecars.
     captions: str = ""
-    # Cluster runs: this job shards every num_partitions-th source group, starting at
-    # ``partition`` (e.g. $SLURM_ARRAY_TASK_ID), into output_dir/parts/part_PPPP-of-NNNN; then
+    # Cluster runs: this job shards partition ``partition`` (e.g. $SLURM_ARRAY_TASK_ID) of a
+    # duration-balanced plan (output_dir/parts/plan-of-NNNN.json) into
+    # output_dir/parts/part_PPPP-of-NNNN; then
     # ``python -m data_pipelines.merge output_dir=DIR`` writes the combined files.
     num_partitions: int = 1
     partition: int = 0

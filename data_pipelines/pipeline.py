@@ -14,10 +14,12 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,10 +27,17 @@ from tqdm import tqdm
 from data_pipelines.annotators import describe
 from data_pipelines.captions import file_digest, load_captions
 from data_pipelines.config import ShardConfig, output_fingerprint
-from data_pipelines.progress import SHARD_DIR, ShardRecord, load_records, save_record
+from data_pipelines.progress import (
+    SHARD_DIR,
+    LiveStatus,
+    ShardRecord,
+    load_records,
+    save_record,
+)
 from data_pipelines.samples import SourceResult, process_source
 from data_pipelines.stats import build_stats
 from data_pipelines.tags import CONDITIONS
+from data_pipelines.workload import plan_for
 from data_pipelines.writer import TarShard, shard_file_name, write_if_changed
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,8 @@ PARTS_DIR = "parts"
 
 
 def partition_of(source: str, num_partitions: int) -> int:
-    """The partition a source belongs to: stable when other files are added or removed."""
+    """The partition of a source by the hash of its path (equal counts, not equal work).
+    run_shard assigns by a work-balanced plan instead (see workload.py)."""
     return int(hashlib.sha1(source.encode("utf-8")).hexdigest()[:8], 16) % num_partitions
 
 
@@ -179,38 +189,147 @@ class ShardPacker:
             self.shard = None
 
 
+Job = tuple[Path, str, ShardConfig, str | None]  # process_source's arguments
+
+
+def _jobs(
+    sources: list[str], input_dir: Path, cfg: ShardConfig, captions: dict[str, str]
+) -> list[Job]:
+    return [(input_dir / source, source, cfg, captions.get(source)) for source in sources]
+
+
 def _results(
     sources: list[str],
     input_dir: Path,
     cfg: ShardConfig,
-    pool: ProcessPoolExecutor | None,
+    pool: WorkerPool | None,
     captions: dict[str, str] | None = None,
 ) -> Iterator[SourceResult]:
     """process_source over ``sources``, in order, a few sources ahead when pooled."""
+    jobs = _jobs(sources, input_dir, cfg, captions or {})
     if pool is None:
-        for source in sources:
-            yield process_source(input_dir / source, source, cfg, (captions or {}).get(source))
+        for job in jobs:
+            yield process_source(*job)
         return
-    ahead: deque[Future] = deque()
-    queue = iter(sources)
-    captions = captions or {}
-    for source in queue:
-        ahead.append(
-            pool.submit(process_source, input_dir / source, source, cfg, captions.get(source))
-        )
-        if len(ahead) >= 2 * cfg.workers:
-            break
-    while ahead:
-        result = ahead.popleft().result()
-        next_source = next(queue, None)
-        if next_source is not None:
-            ahead.append(
-                pool.submit(
-                    process_source, input_dir / next_source, next_source, cfg,
-                    captions.get(next_source),
-                )
-            )  # fmt: skip
-        yield result
+    yield from pool.results(jobs)
+
+
+class WorkerPool:
+    """process_source in spawned worker processes, results in input order.
+
+    A worker that dies (a segfault in a codec, the OOM killer) breaks a ProcessPoolExecutor:
+    every source in flight then fails with BrokenProcessPool. The pool is recreated; results
+    that had arrived are kept, and each other source in flight runs again alone in a
+    process of its own, so the one that kills its process is found and becomes a
+    ``worker_crashed`` reject with the signal or exit code, while the rest are sharded as
+    if nothing had happened.
+    """
+
+    def __init__(self, workers: int) -> None:
+        # spawn, not fork: a fork of a process whose model runtimes (TFLite, torch) have
+        # started threads can hang or die in the child.
+        self.context = multiprocessing.get_context("spawn")
+        self.workers = workers
+        self.executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=self.context, initializer=_one_thread)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+    def results(self, jobs: list[Job]) -> Iterator[SourceResult]:
+        queue = deque(jobs)
+        ahead: deque[tuple[Job, Future | None]] = deque()
+        while queue or ahead:
+            self._fill(ahead, queue)
+            job, future = ahead.popleft()
+            result = _result_unless_broken(future)
+            if result is not None:
+                yield result
+                continue
+            in_flight = [(job, future), *ahead]
+            ahead.clear()
+            log.warning(
+                "a worker process died; re-running the %d sources in flight one at a time",
+                len(in_flight),
+            )
+            self.shutdown()
+            self.executor = self._new_executor()
+            for suspect, done in in_flight:
+                yield _delivered(done) or self._run_alone(suspect)
+
+    def _fill(self, ahead: deque, queue: deque) -> None:
+        while queue and len(ahead) < 2 * self.workers:
+            job = queue.popleft()
+            try:
+                # process_source is looked up here, so a test may replace it in this module.
+                ahead.append((job, self.executor.submit(process_source, *job)))
+            except BrokenProcessPool:
+                ahead.append((job, None))
+                return
+
+    def _run_alone(self, job: Job) -> SourceResult:
+        receiver, sender = self.context.Pipe(duplex=False)
+        child = self.context.Process(target=_run_in_child, args=(sender, process_source, job))
+        child.start()
+        sender.close()
+        try:
+            outcome = receiver.recv()
+        except EOFError:  # the child died before it could answer
+            outcome = None
+        finally:
+            receiver.close()
+        child.join()
+        if outcome is None:
+            return crashed_result(job[1], child.exitcode)
+        kind, value = outcome
+        if kind == "error":
+            raise value
+        return value
+
+
+def _result_unless_broken(future: Future | None) -> SourceResult | None:
+    """The future's result; None when its pool broke (other exceptions propagate)."""
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return None
+
+
+def _delivered(future: Future | None) -> SourceResult | None:
+    """The result of a future that completed before its pool broke, else None."""
+    if future is None or not future.done() or future.cancelled():
+        return None
+    return None if future.exception() is not None else future.result()
+
+
+def _run_in_child(sender, function, job: Job) -> None:
+    _one_thread()
+    try:
+        sender.send(("ok", function(*job)))
+    except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
+        sender.send(("error", err))
+    finally:
+        sender.close()
+
+
+def crashed_result(source: str, exitcode: int | None) -> SourceResult:
+    """The reject of a source whose process died while it was processed."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"signal {-exitcode}"
+    else:
+        how = f"exit code {exitcode}"
+    detail = f"the worker process died on this input ({how}); the job went on without it"
+    log.error("%s: %s", source, detail)
+    return SourceResult(
+        source, rejects=[{"source": source, "reason": "worker_crashed", "detail": detail}]
+    )
 
 
 def _one_thread() -> None:
@@ -232,7 +351,8 @@ def run_shard(cfg: ShardConfig) -> dict:
         settings["captions_sha1"] = file_digest(manifest)
     sources = scan_inputs(input_dir, exclude=output_dir)
     if cfg.num_partitions > 1:
-        sources = [s for s in sources if partition_of(s, cfg.num_partitions) == cfg.partition]
+        plan = plan_for(output_dir / PARTS_DIR, input_dir, sources, cfg.num_partitions)
+        sources = plan.sources_of(cfg.partition, sources)
         output_dir = part_dir(output_dir, cfg.partition, cfg.num_partitions)
     records = load_records(output_dir, input_dir, settings)
     done = {source for record in records.values() for source in record.sources}
@@ -248,15 +368,12 @@ def run_shard(cfg: ShardConfig) -> dict:
 
     input_rejects: list[dict] = []
     packer = ShardPacker(output_dir, input_dir, cfg, settings, records)
-    pool = None
-    if cfg.workers > 1 and todo > 1:
-        # spawn, not fork: a fork of a process whose model runtimes (TFLite, torch) have
-        # started threads can hang or die in the child.
-        pool = ProcessPoolExecutor(
-            cfg.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
-        )
+    live = LiveStatus(output_dir, total=len(sources), done=len(sources) - todo)
+    pool = WorkerPool(cfg.workers) if cfg.workers > 1 and todo > 1 else None
     clips, started = 0, time.perf_counter()
     try:
+        if todo:
+            live.write(force=True)
         with tqdm(total=todo, desc="shard", unit="video", disable=not cfg.progress) as bar:
             for run in runs:
                 for result in _results(run, input_dir, cfg, pool, captions):
@@ -265,16 +382,19 @@ def run_shard(cfg: ShardConfig) -> dict:
                     else:
                         input_rejects += result.rejects
                     clips += len(result.samples)
+                    live.source_done(result.source, len(result.samples), result.rejects)
                     elapsed = max(1e-9, time.perf_counter() - started)
                     bar.set_postfix(clips=clips, clips_per_s=f"{clips / elapsed:.2f}")
                     bar.update(1)
                 packer.finish()
-    except BaseException:
+    except BaseException as err:
         packer.abort()
+        if todo:
+            live.stopped(type(err).__name__)
         raise
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown()
 
     _remove_leftovers(output_dir, records)
     manifest = [row for index in sorted(records) for row in records[index].samples]
@@ -283,6 +403,7 @@ def run_shard(cfg: ShardConfig) -> dict:
         output_dir, len(sources), manifest, rejects, len(records),
         sum(record.bytes for record in records.values()),
     )  # fmt: skip
+    live.finished()
     elapsed = time.perf_counter() - started
     if todo:
         log.info("%d clips from %d inputs in %.1f s (%.2f clips/s)", clips, todo, elapsed,
