@@ -2,6 +2,8 @@
 
 Every function is pure (arrays in, floats out). Images are uint8 RGB (T, H, W, 3); audio is
 float32 mono in [-1, 1]; keypoints are (T, 17, 3) [x, y, visibility] normalised to [0, 1].
+Image measures take an optional ``grey_frames`` (= ``grey(frames)``, e.g. ClipView.grey) so a
+caller measuring one clip several ways converts it to grey once.
 """
 
 from __future__ import annotations
@@ -78,29 +80,42 @@ def grey(frames: np.ndarray) -> np.ndarray:
     return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def motion(frames: np.ndarray) -> float:
+def _grey_of(frames: np.ndarray, grey_frames: np.ndarray | None) -> np.ndarray:
+    """``grey_frames`` when the caller already has ``grey(frames)`` (it is then not
+    recomputed; the result is the same to the bit), else ``grey(frames)``."""
+    if grey_frames is None:
+        return grey(frames)
+    if grey_frames.shape != frames.shape[:-1] or grey_frames.dtype != np.float32:
+        raise ValueError(
+            f"grey_frames {grey_frames.dtype} {grey_frames.shape} is not grey(frames) of frames "
+            f"{frames.shape}: pass measures.grey(frames) (float32 (T, H, W)) or None"
+        )
+    return grey_frames
+
+
+def motion(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     """Mean absolute difference between consecutive grey frames, 0-1 scale."""
     if len(frames) < 2:
         return 0.0
-    g = grey(frames)
+    g = _grey_of(frames, grey_frames)
     return float(np.abs(np.diff(g, axis=0)).mean() / 255.0)
 
 
-def sharpness(frames: np.ndarray) -> float:
+def sharpness(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     """Mean over frames of the variance of the 4-neighbour Laplacian (0-255 grey)."""
-    g = grey(frames)
+    g = _grey_of(frames, grey_frames)
     lap = (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
            - 4.0 * g[:, 1:-1, 1:-1])  # fmt: skip
     return float(lap.reshape(len(g), -1).var(axis=1).mean())
 
 
-def contrast(frames: np.ndarray) -> float:
+def contrast(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     """Mean over frames of the standard deviation of grey levels (0-255); ~0 means blank."""
-    return float(grey(frames).reshape(len(frames), -1).std(axis=1).mean())
+    return float(_grey_of(frames, grey_frames).reshape(len(frames), -1).std(axis=1).mean())
 
 
-def brightness(frames: np.ndarray) -> float:
-    return float(grey(frames).mean() / 255.0)
+def brightness(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
+    return float(_grey_of(frames, grey_frames).mean() / 255.0)
 
 
 # ----------------------------------------------------------------------------- pose
@@ -129,12 +144,17 @@ def keypoint_motion(keypoints: np.ndarray) -> float:
     return float(step[both].mean())
 
 
-def pose_jitter(keypoints: np.ndarray) -> float:
-    """Median |acceleration| of joints visible in three consecutive frames; high = unstable."""
+def pose_jitter(keypoints: np.ndarray, centres: np.ndarray | None = None) -> float:
+    """Median |acceleration| of joints visible in three consecutive frames; high = unstable.
+
+    ``centres``: count only the accelerations at these frames (e.g. the frames a model ran
+    on, when the ones between are interpolated and so have no acceleration of their own)."""
     if len(keypoints) < 3:
         return 0.0
     vis = visible_mask(keypoints)
     valid = vis[2:] & vis[1:-1] & vis[:-2]
+    if centres is not None:
+        valid &= np.isin(np.arange(1, len(keypoints) - 1), centres)[:, None]
     if not valid.any():
         return 0.0
     xy = keypoints[..., :2]
@@ -144,7 +164,12 @@ def pose_jitter(keypoints: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- lip sync
 def lip_sync(
-    frames: np.ndarray, keypoints: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float
+    frames: np.ndarray,
+    keypoints: np.ndarray,
+    audio: np.ndarray,
+    sample_rate: int,
+    fps: float,
+    grey_frames: np.ndarray | None = None,
 ) -> float | None:
     """Pearson r between mouth-region darkness and audio energy per frame, or None.
 
@@ -154,7 +179,7 @@ def lip_sync(
     SyncNet score: near 0 for unrelated audio, clearly positive for lips that follow it.
     """
     height, width = frames.shape[1:3]
-    g = grey(frames)
+    g = _grey_of(frames, grey_frames)
     darkness, energy = [], []
     rms = frame_rms(audio, sample_rate, fps, len(frames))
     for i, points in enumerate(keypoints):

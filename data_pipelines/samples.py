@@ -22,6 +22,7 @@ import numpy as np
 from data_pipelines import measures
 from data_pipelines.annotations import Sidecars, read_sidecars
 from data_pipelines.annotators import AnnotatorUnavailable, ClipView, Findings, build_annotators
+from data_pipelines.annotators.base import run_timed
 from data_pipelines.clips import Clip, ShotCutter
 from data_pipelines.config import ShardConfig
 from data_pipelines.decoding import AudioTrack, DamageLog, video_frames, video_origin
@@ -229,7 +230,13 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
     frames = clip.frames
     start_s, end_s = clip.start / fps, (clip.start + len(frames)) / fps
     rejected = {"source": context.source, "start": start_s, "end": end_s}
-    if measures.contrast(frames) < cfg.min_frame_contrast:
+    audio = context.audio.slice(start_s, end_s) if context.audio is not None else None
+    view = ClipView(
+        source=context.source, path=context.path, frames=frames, fps=fps, audio=audio,
+        sample_rate=sr, start=start_s, end=end_s, floor_dbfs=context.floor,
+        caption=context.caption.text, sidecar_pose=context.sidecars.pose, vad=cfg.vad,
+    )  # fmt: skip
+    if measures.contrast(frames, view.grey) < cfg.min_frame_contrast:
         return {
             **rejected,
             "reason": "blank",
@@ -244,12 +251,6 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
             "detail": f"{lost:.2f} s of {end_s - start_s:.2f} s lost to undecodable packets "
             f"(max_damaged_fraction={cfg.max_damaged_fraction}): {damage}",
         }
-    audio = context.audio.slice(start_s, end_s) if context.audio is not None else None
-    view = ClipView(
-        source=context.source, path=context.path, frames=frames, fps=fps, audio=audio,
-        sample_rate=sr, start=start_s, end=end_s, floor_dbfs=context.floor,
-        caption=context.caption.text, sidecar_pose=context.sidecars.pose, vad=cfg.vad,
-    )  # fmt: skip
     found = annotate_clip(view, build_annotators(cfg.annotators), context.timings)
     text = str(found.fields.pop("caption", context.caption.text))
     if "caption" not in found.methods:
@@ -301,10 +302,12 @@ class Timings:
 def annotate_clip(clip: ClipView, annotators: list, timings: Timings | None = None) -> Findings:
     """Run the annotators in order; scores that are not finite numbers are left out."""
     found = Findings()
-    timings = timings or Timings()
     for annotator in annotators:
-        with timings.stage(f"annotate/{getattr(annotator, 'name', type(annotator).__name__)}"):
-            annotator(clip, found)
+        run_timed(annotator, clip, found)
+    if timings is not None:
+        for name, seconds in found.seconds.items():
+            key = f"annotate/{name}"
+            timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
     found.scores = {
         name: round(float(value), 6)
         for name, value in found.scores.items()

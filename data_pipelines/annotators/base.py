@@ -4,18 +4,24 @@ An annotator is any object with ``name`` and ``__call__(clip, found) -> None``; 
 config lists them under ``annotators`` as Hydra ``_target_`` nodes and they run in that order,
 so a later one (lip-sync) can read what an earlier one (face landmarks, audio) found.
 Every annotator is deterministic: the same clip gives the same findings.
+
+Views derived from the frames that several annotators need (``ClipView.grey``) are computed
+once per clip, on first use, and shared; read them, never write to them.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from data_pipelines import measures
 from data_pipelines.annotations import PoseTrack
 from data_pipelines.config import VoiceActivityConfig
 
@@ -46,6 +52,14 @@ class ClipView:
     sidecar_pose: PoseTrack | None = None
     vad: VoiceActivityConfig = field(default_factory=VoiceActivityConfig)  # energy detector
 
+    @cached_property
+    def grey(self) -> np.ndarray:
+        """``measures.grey(frames)``: (T, H, W) float32 luma, 0-255, read-only. Image quality,
+        motion, optical flow and the mouth-darkness proxy all start from it."""
+        grey = measures.grey(self.frames)
+        grey.setflags(write=False)
+        return grey
+
 
 @dataclass
 class Findings:
@@ -56,12 +70,25 @@ class Findings:
     methods: dict[str, str] = field(default_factory=dict)  # score family -> how measured
     # Per-frame signals handed from one annotator to the next, not stored.
     signals: dict[str, np.ndarray] = field(default_factory=dict)
+    # Wall-clock seconds per annotator name, filled by ``run_timed``; not stored.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Annotator(Protocol):
     name: str
 
     def __call__(self, clip: ClipView, found: Findings) -> None: ...
+
+
+def run_timed(annotator: Annotator, clip: ClipView, found: Findings) -> None:
+    """``annotator(clip, found)``, adding its wall-clock time to ``found.seconds[name]``.
+    A shared view (``clip.grey``) is charged to the first annotator that reads it."""
+    started = time.perf_counter()
+    try:
+        annotator(clip, found)
+    finally:
+        elapsed = time.perf_counter() - started
+        found.seconds[annotator.name] = found.seconds.get(annotator.name, 0.0) + elapsed
 
 
 def optional_import(module: str, why: str, required: bool) -> Any | None:

@@ -1,4 +1,8 @@
-"""Face detection: how many faces, how large, in how many of the sampled frames."""
+"""Face detection: how many faces, how large, in how many of the measured frames.
+
+``every_n_frames`` = N > 1 runs the detector on every Nth frame and the last (see stride.py);
+the frames between get interpolated boxes, so ``faces`` always holds one list per frame.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,22 @@ from data_pipelines import measures
 from data_pipelines.annotations import keypoints_at
 from data_pipelines.annotators.base import ClipView, Findings, warn_once
 from data_pipelines.annotators.mediapipe_compat import import_mediapipe
+from data_pipelines.annotators.stride import (
+    check_every_n_frames,
+    interpolate_boxes,
+    measured_frames,
+    with_stride,
+)
 
 FACE_BACKENDS = ("auto", "mediapipe", "sidecar")
 
 
 class FaceDetector:
-    """Scores ``face_fraction`` (sampled frames with >= 1 face), ``face_count_max``,
-    ``face_count_mean``, ``face_area`` (mean area of the largest face, fraction of the frame);
-    field ``faces``: per sampled frame, [x, y, w, h, score] boxes normalised to the frame.
+    """Scores ``face_fraction`` (measured frames with >= 1 face), ``face_count_max``,
+    ``face_count_mean``, ``face_area`` (mean area of the largest face, fraction of the frame),
+    all over the frames the detector ran on; field ``faces``: per frame, [x, y, w, h, score]
+    boxes normalised to the frame (interpolated between measured frames, see
+    stride.interpolate_boxes), and ``faces_every_n_frames``.
 
     With a sidecar pose and ``use_sidecar``, the face counts as present where the sidecar's
     nose and eyes are visible (no boxes). Otherwise MediaPipe face detection (full-range model
@@ -35,11 +47,9 @@ class FaceDetector:
     ) -> None:
         if backend not in FACE_BACKENDS:
             raise ValueError(f"annotators.face.backend={backend!r}: use one of {FACE_BACKENDS}")
-        if every_n_frames < 1:
-            raise ValueError(f"annotators.face.every_n_frames={every_n_frames} must be >= 1")
+        self.every_n_frames = check_every_n_frames("annotators.face.every_n_frames", every_n_frames)
         self.use_sidecar = use_sidecar or backend == "sidecar"
         self.model_selection, self.min_confidence = model_selection, min_confidence
-        self.every_n_frames = every_n_frames
         self._mp = None
         if backend != "sidecar":
             self._mp = import_mediapipe("face backend=mediapipe", backend == "mediapipe")
@@ -59,16 +69,18 @@ class FaceDetector:
             return
         if self._mp is None:
             return
-        boxes = self._detect(clip.frames[:: self.every_n_frames])
+        measured = measured_frames(len(clip.frames), self.every_n_frames)
+        boxes = self._detect(clip.frames[measured])
         counts = np.array([len(frame) for frame in boxes])
         largest = [max((w * h for _, _, w, h, _ in frame), default=0.0) for frame in boxes]
-        found.fields["faces"] = boxes
+        found.fields["faces"] = interpolate_boxes(boxes, measured, len(clip.frames), 4)
         found.fields["faces_every_n_frames"] = self.every_n_frames
         found.scores["face_fraction"] = float((counts > 0).mean())
         found.scores["face_count_max"] = float(counts.max())
         found.scores["face_count_mean"] = float(counts.mean())
         found.scores["face_area"] = float(np.mean([a for a in largest if a > 0] or [0.0]))
-        found.methods["face"] = f"mediapipe_face_detection_{self.model_selection}"
+        method = f"mediapipe_face_detection_{self.model_selection}"
+        found.methods["face"] = with_stride(method, self.every_n_frames)
 
     def _detect(self, frames: np.ndarray) -> list[list[list[float]]]:
         out = []

@@ -16,9 +16,9 @@ class ImageQuality:
     name = "image_quality"
 
     def __call__(self, clip: ClipView, found: Findings) -> None:
-        found.scores["sharpness"] = measures.sharpness(clip.frames)
-        found.scores["contrast"] = measures.contrast(clip.frames)
-        found.scores["brightness"] = measures.brightness(clip.frames)
+        found.scores["sharpness"] = measures.sharpness(clip.frames, clip.grey)
+        found.scores["contrast"] = measures.contrast(clip.frames, clip.grey)
+        found.scores["brightness"] = measures.brightness(clip.frames, clip.grey)
         found.methods["image_quality"] = "laplacian_variance"
 
 
@@ -42,17 +42,17 @@ class Motion:
         self.resolved = "frame_diff" if self._cv2 is None else "farneback"
 
     def __call__(self, clip: ClipView, found: Findings) -> None:
-        found.scores["motion"] = measures.motion(clip.frames)
+        found.scores["motion"] = measures.motion(clip.frames, clip.grey)
         found.methods["motion"] = "frame_diff"
         if self._cv2 is not None and len(clip.frames) >= 2:
-            found.scores["flow_motion"] = farneback_motion(self._cv2, clip.frames, self.max_pairs)
+            found.scores["flow_motion"] = farneback_motion(self._cv2, clip.grey, self.max_pairs)
             found.methods["motion"] = "farneback_flow"
 
 
-def farneback_motion(cv2, frames: np.ndarray, max_pairs: int) -> float:
+def farneback_motion(cv2, grey_frames: np.ndarray, max_pairs: int) -> float:
     """Mean flow magnitude between consecutive frames / frame diagonal, over at most
-    ``max_pairs`` evenly spread pairs."""
-    grey = measures.grey(frames).clip(0, 255).astype(np.uint8)
+    ``max_pairs`` evenly spread pairs; ``grey_frames`` = measures.grey(frames)."""
+    grey = grey_frames.clip(0, 255).astype(np.uint8)
     pairs = np.unique(np.linspace(0, len(grey) - 2, min(max_pairs, len(grey) - 1)).round())
     diagonal = float(np.hypot(*grey.shape[1:3]))
     magnitudes = []

@@ -11,6 +11,14 @@ labelled PROXY, never to be read as Sync-C:
 - ``proxy_mouth_darkness``: with sidecar keypoints only, the darkness of the region below the
   nose (an open mouth is dark) against the audio energy (measures.lip_sync).
 The method is recorded in the sample's ``quality.methods.lip_sync``.
+
+With the slow models on a stride (``annotators.pose.every_n_frames``,
+``annotators.face.every_n_frames`` > 1) the mouth opening and the face boxes between measured
+frames are interpolated, and both the proxy and SyncNet use them: SyncNet's reference pipeline
+itself bridges missing detections by linear interpolation and median-filters the box track
+over 13 frames, so boxes interpolated over a few frames cut nearly the same crops. SyncNet
+needs one box list per frame (``faces`` as FaceDetector writes it at any stride); the strides
+show in ``quality.methods.pose`` / ``face``.
 """
 
 from __future__ import annotations
@@ -67,7 +75,9 @@ class LipSync:
             return
         keypoints = found.signals.get("keypoints")
         if keypoints is not None:
-            r = measures.lip_sync(clip.frames, keypoints, clip.audio, clip.sample_rate, clip.fps)
+            r = measures.lip_sync(
+                clip.frames, keypoints, clip.audio, clip.sample_rate, clip.fps, clip.grey
+            )
             if r is not None:
                 found.scores["lip_sync"] = r
                 found.methods["lip_sync"] = "proxy_mouth_darkness"
@@ -81,9 +91,9 @@ class LipSync:
                 "or leave annotators.lip_sync.syncnet_weights empty for the proxy"
             )
         boxes = found.fields.get("faces")
-        if boxes is None or found.fields.get("faces_every_n_frames") != 1:
-            warn_once("SyncNet needs face boxes on every frame (annotators.face with a model, "
-                      "every_n_frames=1): using the lip-sync proxy")  # fmt: skip
+        if boxes is None or len(boxes) != len(clip.frames):
+            warn_once("SyncNet needs face boxes for every frame (annotators.face with a model "
+                      "backend, before lip_sync): using the lip-sync proxy")  # fmt: skip
             return False
         crops = syncnet.face_crops(clip.frames, boxes, self.syncnet_crop_scale)
         if crops is None:

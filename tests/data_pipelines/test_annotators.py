@@ -5,16 +5,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipelines import measures
 from data_pipelines.annotations import PoseTrack
 from data_pipelines.annotators import AnnotatorUnavailable, ClipView, Findings, build_annotators
 from data_pipelines.annotators.audio import Loudness, SpeechActivity, integrated_loudness
-from data_pipelines.annotators.base import optional_import
+from data_pipelines.annotators.base import optional_import, run_timed
 from data_pipelines.annotators.face import FaceDetector
 from data_pipelines.annotators.image import Motion
 from data_pipelines.annotators.lipsync import LipSync, best_offset_correlation
 from data_pipelines.config import default_annotators
 
 RATE = 16000
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _clip(frames=None, audio=None, fps=8.0, **kwargs) -> ClipView:
@@ -135,3 +137,85 @@ def test_a_missing_required_package_names_the_fix():
     with pytest.raises(AnnotatorUnavailable, match=r"pip install -e '\.\[annotate\]'"):
         optional_import("no_such_package_xyz", "pose backend=mediapipe", required=True)
     assert optional_import("no_such_package_xyz", "x", required=False) is None
+
+
+# ------------------------------------------------------- shared views change no score
+def _preset(name: str) -> dict:
+    """default_annotators() with conf/annotators/NAME.yaml merged over it, as Hydra does."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "annotators" / f"{name}.yaml"))
+    nodes = default_annotators()
+    for key, node in preset.items():
+        if key != "defaults":
+            nodes[key] = {**nodes[key], **node}
+    return nodes
+
+
+def _figure_clip(sidecar: bool) -> ClipView:
+    from data_pipelines.config import SampleCorpusConfig
+    from data_pipelines.sample_corpus import render_clip
+    from data_pipelines.scenes import plan_clip
+
+    frames, audio, keypoints = render_clip(
+        plan_clip(0, 0), SampleCorpusConfig(out_dir="unused", fps=8)
+    )
+    pose = PoseTrack(np.asarray(keypoints, np.float32), 8.0) if sidecar else None
+    return _clip(frames, audio, 8.0, sidecar_pose=pose)
+
+
+def _annotate(clip: ClipView, nodes: dict) -> Findings:
+    found = Findings()
+    for annotator in build_annotators(nodes):
+        run_timed(annotator, clip, found)
+    return found
+
+
+def _uncached_image_scores(frames: np.ndarray) -> dict[str, float]:
+    return {
+        "sharpness": measures.sharpness(frames),
+        "contrast": measures.contrast(frames),
+        "brightness": measures.brightness(frames),
+        "motion": measures.motion(frames),
+    }
+
+
+def test_light_preset_scores_are_the_uncached_ones():
+    clip = _figure_clip(sidecar=True)
+    found = _annotate(clip, _preset("light"))
+    expected = _uncached_image_scores(clip.frames)
+    assert {name: found.scores[name] for name in expected} == expected  # to the bit
+    keypoints = found.signals["keypoints"]
+    assert found.methods["lip_sync"] == "proxy_mouth_darkness"
+    assert found.scores["lip_sync"] == measures.lip_sync(
+        clip.frames, keypoints, clip.audio, RATE, 8.0
+    )
+    assert set(found.seconds) == {a.name for a in build_annotators(_preset("light"))}
+    assert all(seconds >= 0 for seconds in found.seconds.values())
+    # The grey view is computed once and cannot be written to by an annotator.
+    assert clip.grey is clip.grey and not clip.grey.flags.writeable
+    np.testing.assert_array_equal(clip.grey, measures.grey(clip.frames))
+
+
+def test_full_preset_scores_are_the_uncached_ones():
+    cv2 = pytest.importorskip("cv2")
+    for package in ("mediapipe", "silero_vad"):
+        pytest.importorskip(package)
+    nodes = _preset("full")
+    assert nodes["pose"]["every_n_frames"] == 1 and nodes["face"]["every_n_frames"] == 1
+    clip = _figure_clip(sidecar=False)
+    found = _annotate(clip, nodes)
+    expected = _uncached_image_scores(clip.frames)
+    assert {name: found.scores[name] for name in expected} == expected
+    # Farneback flow from grey frames converted here, as the annotator did before sharing.
+    grey = measures.grey(clip.frames).clip(0, 255).astype(np.uint8)
+    pairs = np.unique(np.linspace(0, len(grey) - 2, min(48, len(grey) - 1)).round()).astype(int)
+    flows = [cv2.calcOpticalFlowFarneback(grey[k], grey[k + 1], None, 0.5, 3, 15, 3, 5, 1.2, 0)
+             for k in pairs]  # fmt: skip
+    magnitudes = [float(np.linalg.norm(flow, axis=-1).mean()) for flow in flows]
+    assert found.scores["flow_motion"] == float(np.mean(magnitudes)) / float(np.hypot(96, 128))
+    assert found.methods["pose"] == "mediapipe_holistic_1"
+    assert found.methods["face"] == "mediapipe_face_detection_1"
+    assert len(found.fields["faces"]) == len(found.fields["keypoints"]) == len(clip.frames)
+    again = _annotate(_figure_clip(sidecar=False), nodes)
+    assert again.scores == found.scores and again.fields == found.fields

@@ -92,3 +92,38 @@ def test_lip_sync_follows_the_voice():
     closed, _ = _talking_face(np.zeros(24))
     assert measures.lip_sync(closed, keypoints, audio, 16000, 8.0) is None  # mouth never moves
     assert measures.lip_sync(frames, np.zeros_like(keypoints), audio, 16000, 8.0) is None
+
+
+def test_precomputed_grey_frames_give_the_same_scores_to_the_bit():
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 255, (5, 24, 20, 3)).astype(np.uint8)
+    grey = measures.grey(frames)
+    for measure in (measures.sharpness, measures.contrast, measures.brightness, measures.motion):
+        assert measure(frames, grey) == measure(frames)
+    # The argument is used as given (not recomputed): a different grey gives another score.
+    assert measures.contrast(frames, np.zeros_like(grey)) == 0.0
+    with pytest.raises(ValueError, match=r"grey_frames .* is not grey\(frames\)"):
+        measures.sharpness(frames, grey[:, :-1])
+    with pytest.raises(ValueError, match="float32"):
+        measures.motion(frames, grey.astype(np.float64))
+
+
+def test_lip_sync_takes_precomputed_grey_frames():
+    rng = np.random.default_rng(0)
+    envelope = np.abs(np.sin(np.arange(24) * 0.7)) * (rng.random(24) > 0.2)
+    audio = np.concatenate([rng.standard_normal(2000) * e for e in envelope]).astype(np.float32)
+    frames, keypoints = _talking_face(envelope)
+    plain = measures.lip_sync(frames, keypoints, audio, 16000, 8.0)
+    shared = measures.lip_sync(frames, keypoints, audio, 16000, 8.0, measures.grey(frames))
+    assert shared == plain
+
+
+def test_pose_jitter_can_count_chosen_frames_only():
+    keypoints = np.zeros((5, 17, 3), np.float32)
+    keypoints[..., 2] = 1.0
+    keypoints[:, :, 0] = np.array([0.0, 0.0, 0.3, 0.3, 0.3])[:, None]  # one step at frame 2
+    # Accelerations at frames 1, 2, 3: 0.3, -0.3, 0 -> median |a| over all = 0.3.
+    assert measures.pose_jitter(keypoints) == pytest.approx(0.3)
+    assert measures.pose_jitter(keypoints, np.array([3])) == 0.0
+    assert measures.pose_jitter(keypoints, np.array([0, 2, 4])) == pytest.approx(0.3)
+    assert measures.pose_jitter(keypoints, np.array([0, 4])) == 0.0  # no counted frame
