@@ -189,13 +189,14 @@ class ShardPacker:
             self.shard = None
 
 
-Job = tuple[Path, str, ShardConfig, str | None]  # process_source's arguments
+Job = tuple[Path, str, ShardConfig, str | None, bool]  # process_source's arguments
 
 
 def _jobs(
     sources: list[str], input_dir: Path, cfg: ShardConfig, captions: dict[str, str]
 ) -> list[Job]:
-    return [(input_dir / source, source, cfg, captions.get(source)) for source in sources]
+    # Spooled: a source's clips wait on disk, not in memory, until the shard writer takes them.
+    return [(input_dir / source, source, cfg, captions.get(source), True) for source in sources]
 
 
 def _results(
@@ -377,10 +378,13 @@ def run_shard(cfg: ShardConfig) -> dict:
         with tqdm(total=todo, desc="shard", unit="video", disable=not cfg.progress) as bar:
             for run in runs:
                 for result in _results(run, input_dir, cfg, pool, captions):
-                    if result.samples:
-                        packer.add(result)
-                    else:
-                        input_rejects += result.rejects
+                    try:
+                        if result.samples:
+                            packer.add(result)
+                        else:
+                            input_rejects += result.rejects
+                    finally:
+                        result.release()
                     clips += len(result.samples)
                     live.source_done(result.source, len(result.samples), result.rejects)
                     elapsed = max(1e-9, time.perf_counter() - started)

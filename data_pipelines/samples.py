@@ -10,10 +10,12 @@ import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import av
@@ -34,19 +36,61 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Spooled:
+    """Bytes waiting in a source's spool file (see ClipSpool)."""
+
+    path: str
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.length)
+
+
+class ClipSpool:
+    """A source's encoded clips on disk until the shard writer takes them, so the output of
+    an hour-long source does not sit in memory (nor travel through a worker pipe)."""
+
+    def __init__(self, spill_dir: str | None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="omni-clips-", suffix=".bin", dir=spill_dir)
+        self._file = os.fdopen(fd, "wb")
+        self._offset = 0
+
+    def put(self, data: bytes) -> Spooled:
+        self._file.write(data)
+        spooled = Spooled(self.path, self._offset, len(data))
+        self._offset += len(data)
+        return spooled
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass(frozen=True)
 class Sample:
     key: str
-    mp4: bytes
+    payload: bytes | Spooled  # the mp4
     meta: dict
+
+    @property
+    def mp4(self) -> bytes:
+        return self.payload.read() if isinstance(self.payload, Spooled) else self.payload
+
+    def _json(self) -> bytes:
+        return json.dumps(self.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     def members(self) -> dict[str, bytes]:
         """Tar members by extension, in the order they are written."""
-        payload = json.dumps(self.meta, ensure_ascii=False, separators=(",", ":"))
-        return {"json": payload.encode("utf-8"), "mp4": self.mp4}
+        return {"json": self._json(), "mp4": self.mp4}
 
     @property
     def size(self) -> int:
-        return sum(len(payload) for payload in self.members().values())
+        payload = self.payload
+        return len(self._json()) + (
+            payload.length if isinstance(payload, Spooled) else len(payload)
+        )
 
 
 @dataclass(frozen=True)
@@ -56,8 +100,14 @@ class SourceResult:
     # Rows for rejects.jsonl: the whole input, or single clips of it.
     rejects: list[dict] = field(default_factory=list)
     # Seconds spent per stage: "decode_audio", "decode_video", "cut", "encode",
-    # "annotate/NAME" per annotator, and "other" for the rest of the source's time.
+    # "annotate/NAME" per annotator, and "total".
     timings: dict[str, float] = field(default_factory=dict)
+    spool: str | None = None  # the file holding the samples' mp4s, removed by release()
+
+    def release(self) -> None:
+        """Remove the spool file once the samples are written (or given up)."""
+        if self.spool is not None:
+            Path(self.spool).unlink(missing_ok=True)
 
 
 def source_id(source: str) -> str:
@@ -72,14 +122,15 @@ class CaptionChoice:
 
 
 def process_source(
-    path: Path, source: str, cfg: ShardConfig, caption: str | None = None
+    path: Path, source: str, cfg: ShardConfig, caption: str | None = None, spool: bool = False
 ) -> SourceResult:
     """Probe, decode, split, annotate, tag and encode one input. Never raises for a bad
     input (it becomes a reject); raises AnnotatorUnavailable, a setting to fix.
-    ``caption`` comes from the captions manifest and wins over a NAME.txt sidecar."""
+    ``caption`` comes from the captions manifest and wins over a NAME.txt sidecar. With
+    ``spool`` the clips' mp4s wait in a file (``result.release()`` removes it), not in memory."""
     started = time.perf_counter()
     try:
-        result = _process(path, source, cfg, caption)
+        result = _process(path, source, cfg, caption, spool)
         result.timings["total"] = time.perf_counter() - started
         return result
     except AnnotatorUnavailable:
@@ -102,7 +153,9 @@ def process_source(
         )
 
 
-def _process(path: Path, source: str, cfg: ShardConfig, caption: str | None) -> SourceResult:
+def _process(
+    path: Path, source: str, cfg: ShardConfig, caption: str | None, spooled: bool
+) -> SourceResult:
     probe_video(path, cfg.min_clip_seconds)
     sidecars = read_sidecars(path)
     chosen = CaptionChoice(sidecars.caption, "sidecar" if sidecars.caption else "none")
@@ -119,11 +172,23 @@ def _process(path: Path, source: str, cfg: ShardConfig, caption: str | None) -> 
             cfg.max_gap_seconds,
             cfg.spill_dir or None,
         )
+    spool = ClipSpool(cfg.spill_dir or None) if spooled else None
     try:
-        return _cut_and_measure(path, source, cfg, sidecars, chosen, damage, audio, timings)
+        result = _cut_and_measure(
+            path, source, cfg, sidecars, chosen, damage, audio, timings, spool
+        )
+    except BaseException:
+        if spool is not None:
+            spool.close()
+            Path(spool.path).unlink(missing_ok=True)
+        raise
     finally:
         if audio is not None:
             audio.close()
+    if spool is None:
+        return result
+    spool.close()
+    return replace(result, spool=spool.path)
 
 
 def _cut_and_measure(
@@ -135,6 +200,7 @@ def _cut_and_measure(
     damage: DamageLog,
     audio: AudioTrack | None,
     timings: Timings,
+    spool: ClipSpool | None,
 ) -> SourceResult:
     """Stream the video through the shot cutter; each clip is measured and encoded as soon
     as it is complete, so memory holds one clip whatever the source's length."""
@@ -144,7 +210,9 @@ def _cut_and_measure(
     floor = track_noise_floor(audio, cfg.vad) if audio is not None else None
     cutter = ShotCutter(cfg.shot_threshold, clip_frames, min_frames)
     result = SourceResult(source, timings=timings.seconds)
-    context = _SourceContext(path, source, sidecars, caption, damage, audio, floor, cfg, timings)
+    context = _SourceContext(
+        path, source, sidecars, caption, damage, audio, floor, cfg, timings, spool
+    )
     frames = 0
     decoded = video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds)
     try:
@@ -201,6 +269,7 @@ class _SourceContext:
     floor: float | None
     cfg: ShardConfig
     timings: Timings
+    spool: ClipSpool | None
 
 
 def track_noise_floor(track: AudioTrack, vad) -> float:
@@ -281,7 +350,7 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
     }
     with context.timings.stage("encode"):
         mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf)
-    return Sample(key, mp4, meta)
+    return Sample(key, context.spool.put(mp4) if context.spool else mp4, meta)
 
 
 class Timings:

@@ -299,10 +299,10 @@ def _status(updated: float, state: str = "running") -> dict:
 def test_merge_names_partitions_with_failed_sources(sample, tmp_path, monkeypatch, caplog):
     real = samples._process
 
-    def fails_on_walk(path, source, cfg, caption):
+    def fails_on_walk(path, source, cfg, *rest):
         if source == "clip01_walk.mp4":
             raise RuntimeError("decoder bug")
-        return real(path, source, cfg, caption)
+        return real(path, source, cfg, *rest)
 
     monkeypatch.setattr(samples, "_process", fails_on_walk)
     out = tmp_path / "data"

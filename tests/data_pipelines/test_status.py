@@ -91,11 +91,11 @@ def test_live_status_while_running_after_an_interrupt_and_when_done(sample, tmp_
     monkeypatch.setattr(progress, "STATUS_EVERY_SECONDS", 0.0)  # write after every source
     real, seen = pipeline.process_source, []
 
-    def snapshot_then_process(path, source, cfg, caption=None):
+    def snapshot_then_process(path, source, cfg, caption=None, spool=False):
         seen.append(json.loads((out / "status.json").read_text()))
         if len(seen) == 4:
             raise KeyboardInterrupt
-        return real(path, source, cfg, caption)
+        return real(path, source, cfg, caption, spool)
 
     monkeypatch.setattr(pipeline, "process_source", snapshot_then_process)
     with pytest.raises(KeyboardInterrupt):

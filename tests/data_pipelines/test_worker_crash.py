@@ -20,10 +20,10 @@ from data_pipelines.testing import read_jsonl, shard_members
 CULPRIT = "clip01_walk.mp4"
 
 
-def segfault_on_culprit(path, source, cfg, caption=None):
+def segfault_on_culprit(path, source, cfg, caption=None, spool=False):
     if source == CULPRIT:
         os.kill(os.getpid(), signal.SIGSEGV)
-    return samples.process_source(path, source, cfg, caption)
+    return samples.process_source(path, source, cfg, caption, spool)
 
 
 def _shard(corpus: Path, out: Path, workers: int) -> dict:
