@@ -118,8 +118,8 @@ class ShotCutter:
         while self.decided < n and (final or self.decided + CUT_NEIGHBOURHOOD < n):
             k = self.decided  # decides cut position k + 1
             lo, hi = max(0, k - CUT_NEIGHBOURHOOD), min(n, k + CUT_NEIGHBOURHOOD + 1)
-            neighbours = [self.scores[j] for j in range(lo, hi) if j != k]
-            typical = float(np.median(neighbours)) if neighbours else 0.0
+            neighbours = sorted(self.scores[j] for j in range(lo, hi) if j != k)
+            typical = _median_of_sorted(neighbours)
             score = self.scores[k]
             if score > self.threshold and score > 3.0 * typical and k + 1 not in self.cuts:
                 self.cuts.append(k + 1)
@@ -151,13 +151,30 @@ class ShotCutter:
         return out
 
 
+def _median_of_sorted(values: list[float]) -> float:
+    """np.median of a short sorted list, without numpy's per-call cost (same float64 value)."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    middle = n // 2
+    return values[middle] if n % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+_CHANNEL_OFFSETS = np.array([0, HIST_BINS, 2 * HIST_BINS], np.uint8)
+
+
 def _frame_features(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The colour histogram and 8x8-block means frame_change_scores compares (the same values:
+    one bincount over the three channels, and exact integer block sums)."""
     pixels = frame.shape[0] * frame.shape[1]
-    hist = np.concatenate(
-        [np.bincount(frame[..., c].ravel() // (256 // HIST_BINS), minlength=HIST_BINS)
-         for c in range(3)]
-    ) / pixels  # fmt: skip
-    return hist, _block_means(frame[None].astype(np.float32), 8)[0]
+    bins = (frame // (256 // HIST_BINS)) + _CHANNEL_OFFSETS
+    hist = np.bincount(bins.ravel(), minlength=3 * HIST_BINS) / pixels
+    h, w = frame.shape[:2]
+    if h < 8 or w < 8:
+        return hist, _block_means(frame[None].astype(np.float32), 8)[0]
+    hb, wb = h // 8, w // 8
+    sums = frame[: hb * 8, : wb * 8].reshape(hb, 8, wb, 8, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return hist, (sums.astype(np.float32) / np.float32(64))
 
 
 def _change_score(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
