@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
+from av.video.reformatter import VideoReformatter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -82,12 +83,12 @@ def decode_encode_floor(folder: Path, cfg: ShardConfig, spans: dict[str, list]) 
         with av.open(str(folder / source)) as container:
             stream = container.streams.video[0]
             size = output_size(stream.width, stream.height, cfg.max_side)
-            frames, start = [], None
+            frames, start, scaler = [], None, VideoReformatter()
             for frame in container.decode(stream):
                 start = frame.time if start is None else start
                 while len(frames) / cfg.fps <= frame.time - start:
-                    frames.append(frame.reformat(width=size[0], height=size[1],
-                                                 format="rgb24").to_ndarray())  # fmt: skip
+                    frames.append(scaler.reformat(frame, width=size[0], height=size[1],
+                                                  format="rgb24").to_ndarray())  # fmt: skip
         audio = None
         with av.open(str(folder / source)) as container:
             if container.streams.audio:
