@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -248,18 +249,22 @@ def write_preempted_marker(
     )
 
 
-def stop_preempted_marker(
+def stop_for_preemption(
+    save: Callable[[str], Path],
+    saved: Path | None,
     run_dir: Path,
     step: int,
     flag: SignalFlag,
     code: int,
-    save_seconds: float,
-    saved: Path,
     is_main: bool,
     log: logging.Logger,
-) -> None:
-    """After the preemption checkpoint: the marker (main rank), a log line with the save
-    time, then PreemptionError(code) on every rank."""
+) -> NoReturn:
+    """Save (unless ``saved`` is this step's checkpoint, just written), leave the marker a
+    launcher requeues on (main rank) with the save time, then raise PreemptionError(code)
+    on every rank."""
+    started = time.monotonic()
+    saved = saved or save("preempted")
+    save_seconds = time.monotonic() - started
     since_signal = flag.seconds_since()
     if is_main:
         write_preempted_marker(

@@ -37,7 +37,7 @@ from omni_train.trainer.run_setup import (
     restore_rank_state,
     stage_checkpoint,
     start_run,
-    stop_preempted_marker,
+    stop_for_preemption,
     write_rank_state,
 )
 from omni_train.trainer.run_state import (
@@ -286,17 +286,13 @@ class Trainer:
         )
 
     def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
-        """Save (unless this step's checkpoint was just written), leave the marker a launcher
-        requeues on, and exit with the requeue code."""
-        started = time.monotonic()
-        saved = saved or self.save(reason="preempted")
-        stop_preempted_marker(
+        stop_for_preemption(
+            lambda reason: self.save(reason=reason),
+            saved,
             self.run_dir,
             self.global_step,
             flag,
             self.cfg.trainer.preemption.exit_code,
-            time.monotonic() - started,
-            saved,
             self.dist.is_main,
             log,
         )

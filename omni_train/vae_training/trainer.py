@@ -29,7 +29,7 @@ from omni_train.trainer.run_setup import (
     restore_rank_state,
     stage_checkpoint,
     start_run,
-    stop_preempted_marker,
+    stop_for_preemption,
     write_rank_state,
 )
 from omni_train.trainer.run_state import ResumePlan, capture_rng, resized_data_seed
@@ -242,15 +242,13 @@ class VAETrainer:
             self.metrics.log(row)
 
     def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
-        started = time.monotonic()
-        saved = saved or self.save(reason="preempted")
-        stop_preempted_marker(
+        stop_for_preemption(
+            lambda reason: self.save(reason=reason),
+            saved,
             self.run_dir,
             self.global_step,
             flag,
             self.cfg.trainer.preemption.exit_code,
-            time.monotonic() - started,
-            saved,
             self.dist.is_main,
             log,
         )
