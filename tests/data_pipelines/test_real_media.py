@@ -112,3 +112,28 @@ def test_models_give_the_same_bytes_in_any_worker(sample, tmp_path):
     assert outputs[0] == outputs[1]
     metas = [json.loads(m["json"]) for m in shard_members(tmp_path / "out1").values()]
     assert all(m["quality"]["methods"]["pose"].startswith("mediapipe") for m in metas)
+
+
+def test_real_speech_with_a_damaged_audio_packet_keeps_its_audio_and_tags(shared_data, tmp_path):
+    from data_pipelines.damaged_media import overwrite_packets, packet_layout
+
+    frames = np.stack(
+        [
+            f.to_ndarray(format="rgb24")
+            for f in av.open(str(shared_data / "carphone.mp4")).decode(video=0)
+        ]
+    )
+    audio, rate = read_wav(shared_data / "speech_sample.wav")
+    speech = audio[round(7.0 * rate) : round(11.1 * rate)]
+    muxed = tmp_path / "carphone_speech_damaged.mp4"
+    muxed.write_bytes(encode_mp4(frames, 30000 / 1001, speech, rate))
+    audio_packets = [p for p in packet_layout(muxed) if p.stream_type == "audio"]
+    middle = audio_packets[len(audio_packets) // 2]
+    overwrite_packets(muxed, [middle], seed=0)  # one AAC packet, mid-speech, undecodable
+    meta = _shard_one(muxed, tmp_path)["meta"]
+    scores, quality = meta["quality"]["scores"], meta["quality"]
+    assert meta["has_audio"] is True
+    assert meta["damage"]["audio_packets_dropped"] == 1
+    assert 0 < meta["damage"]["audio_seconds_dropped"] <= 0.07  # one 1024-sample AAC frame
+    assert scores["speech_fraction"] > 0.6 and quality["methods"]["speech"] == "silero_vad"
+    assert quality["audio"] == "weak"  # tagged on the measured speech, as undamaged above
