@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import av
@@ -164,7 +164,12 @@ class VideoFrameOut:
 
 
 def video_frames(
-    path: Path, fps: float, max_side: int, damage: DamageLog, max_gap: float
+    path: Path,
+    fps: float,
+    max_side: int,
+    damage: DamageLog,
+    max_gap: float,
+    on_origin: Callable[[float], None] | None = None,
 ) -> Iterator[VideoFrameOut]:
     """Frames at ``fps``, each the source frame nearest its time (the last one held over a
     gap), upright (rotation metadata applied), scaled to fit ``max_side``."""
@@ -200,6 +205,8 @@ def video_frames(
                     damage.add("video", "timestamp_jump", time, time)
                 if convert is None:
                     convert = _converter(frame, max_side)
+                    if on_origin is not None:  # output time 0 is this frame's stream time
+                        on_origin(float(timeline.origin))
                 new_shot = timeline.jumped
                 while emitted / fps <= time:
                     target = emitted / fps
@@ -278,21 +285,36 @@ class AudioTrack:
     """The source's audio as mono float32 at ``sample_rate``, kept in a temporary file;
     ``slice`` reads a span of the output timeline (silence outside the track)."""
 
-    def __init__(self, file: Path, num_samples: int, sample_rate: int, start: float) -> None:
+    def __init__(
+        self, file: Path, num_samples: int, sample_rate: int, start: float, origin: float
+    ) -> None:
         self.file, self.num_samples, self.sample_rate = file, num_samples, sample_rate
         self.start = start  # output time of sample 0
+        self.origin = origin  # the stream time of output time 0
+
+    def align(self, video_origin: float, damage: DamageLog) -> None:
+        """Put the track (and the audio damage it logged) on the video's timeline, once the
+        first video frame's time is known: output time 0 is that frame."""
+        shift = self.origin - video_origin
+        self.start += shift
+        self.origin = video_origin
+        damage.events = [
+            replace(e, start=e.start + shift, end=e.end + shift) if e.stream == "audio" else e
+            for e in damage.events
+        ]
 
     @classmethod
     def decode(
         cls,
         path: Path,
         sample_rate: int,
-        video_origin: float,
+        video_origin: float | None,
         damage: DamageLog,
         max_gap: float,
         spill_dir: str | None = None,
     ) -> AudioTrack | None:
-        """None when the file has no audio stream or it yields no sample at all."""
+        """None when the file has no audio stream or it yields no sample at all. Without
+        ``video_origin`` the track's own first frame is time 0 until ``align``."""
         fd, name = tempfile.mkstemp(prefix="omni-audio-", suffix=".f32", dir=spill_dir)
         file = Path(name)
         written = 0
@@ -354,7 +376,7 @@ class AudioTrack:
         if written == 0:
             file.unlink(missing_ok=True)
             return None
-        return cls(file, written, sample_rate, first_out or 0.0)
+        return cls(file, written, sample_rate, first_out or 0.0, timeline.origin or 0.0)
 
     def slice(self, start: float, end: float) -> np.ndarray:
         """Samples of output time [start, end): exactly round(end*sr) - round(start*sr)."""
@@ -384,21 +406,3 @@ class AudioTrack:
 def _resampled(resampler: av.AudioResampler, frame) -> np.ndarray:
     pieces = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
     return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
-
-
-def video_origin(path: Path) -> float:
-    """The time of the first decodable video frame (output time 0), for aligning the audio."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.options = dict(ERROR_DETECTION)  # as video_frames decodes
-        try:
-            for packet in container.demux(stream):
-                try:
-                    for frame in packet.decode():
-                        if frame.time is not None:
-                            return float(frame.time)
-                except av.error.FFmpegError:
-                    continue
-        except av.error.FFmpegError:
-            pass
-    return 0.0

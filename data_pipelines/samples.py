@@ -27,7 +27,7 @@ from data_pipelines.annotators import AnnotatorUnavailable, ClipView, Findings, 
 from data_pipelines.annotators.base import run_timed
 from data_pipelines.clips import Clip, ShotCutter
 from data_pipelines.config import ShardConfig
-from data_pipelines.decoding import AudioTrack, DamageLog, video_frames, video_origin
+from data_pipelines.decoding import AudioTrack, DamageLog, video_frames
 from data_pipelines.media import encode_mp4
 from data_pipelines.probe import RejectedInput, probe_video
 from data_pipelines.tags import condition_tiers
@@ -167,7 +167,7 @@ def _process(
         audio = AudioTrack.decode(
             path,
             cfg.audio_sample_rate,
-            video_origin(path),
+            None,  # aligned once the first video frame is decoded
             damage,
             cfg.max_gap_seconds,
             cfg.spill_dir or None,
@@ -214,7 +214,12 @@ def _cut_and_measure(
         path, source, sidecars, caption, damage, audio, floor, cfg, timings, spool
     )
     frames = 0
-    decoded = video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds)
+
+    def align_audio(origin: float) -> None:
+        if audio is not None:
+            audio.align(origin, damage)
+
+    decoded = video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds, align_audio)
     try:
         while True:
             with timings.stage("decode_video"):

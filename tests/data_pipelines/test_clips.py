@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.clips import ShotCutter, clip_spans, detect_cuts
-from data_pipelines.decoding import AudioTrack, DamageLog, output_size, video_frames, video_origin
+from data_pipelines.decoding import AudioTrack, DamageLog, output_size, video_frames
 from data_pipelines.media import encode_mp4
 
 
@@ -71,12 +71,19 @@ def test_decode_resamples_frames_and_aligns_audio(tmp_path):
     path = tmp_path / "ramp.mp4"
     path.write_bytes(encode_mp4(frames, 25, audio, 16000, crf=0))
     damage = DamageLog()
-    decoded = np.stack([f.image for f in video_frames(path, 8.0, 160, damage, 2.0)])
+    track = AudioTrack.decode(path, 16000, None, damage, 2.0)
+    aligned = []
+
+    def align(origin: float) -> None:
+        track.align(origin, damage)
+        aligned.append(origin)
+
+    decoded = np.stack([f.image for f in video_frames(path, 8.0, 160, damage, 2.0, align)])
+    assert len(aligned) == 1  # once, at the first frame
     assert len(decoded) == 32  # 0, 0.125, ..., 3.875 s
     levels = decoded[:, 16, 24, 0].astype(int)
     expected = 2 * np.round(np.arange(32) * 25 / 8)
     assert np.abs(levels - expected).max() <= 3
-    track = AudioTrack.decode(path, 16000, video_origin(path), damage, 2.0)
     try:
         audio = track.slice(0.0, 4.0)
     finally:
