@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
@@ -249,21 +249,27 @@ def write_preempted_marker(
     )
 
 
+class Preemptible(Protocol):
+    """What stop_for_preemption needs of a trainer."""
+
+    run_dir: Path
+    global_step: int
+    cfg: Any
+    dist: DistInfo
+
+    def save(self, reason: str = ...) -> Path: ...
+
+
 def stop_for_preemption(
-    save: Callable[[str], Path],
-    saved: Path | None,
-    run_dir: Path,
-    step: int,
-    flag: SignalFlag,
-    code: int,
-    is_main: bool,
-    log: logging.Logger,
+    trainer: Preemptible, flag: SignalFlag, saved: Path | None, log: logging.Logger
 ) -> NoReturn:
     """Save (unless ``saved`` is this step's checkpoint, just written), leave the marker a
-    launcher requeues on (main rank) with the save time, then raise PreemptionError(code)
-    on every rank."""
+    launcher requeues on (main rank) with the save time, then raise PreemptionError with
+    trainer.preemption.exit_code on every rank."""
+    run_dir, step = trainer.run_dir, trainer.global_step
+    code, is_main = trainer.cfg.trainer.preemption.exit_code, trainer.dist.is_main
     started = time.monotonic()
-    saved = saved or save("preempted")
+    saved = saved or trainer.save(reason="preempted")
     save_seconds = time.monotonic() - started
     since_signal = flag.seconds_since()
     if is_main:

@@ -286,16 +286,7 @@ class Trainer:
         )
 
     def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
-        stop_for_preemption(
-            lambda reason: self.save(reason=reason),
-            saved,
-            self.run_dir,
-            self.global_step,
-            flag,
-            self.cfg.trainer.preemption.exit_code,
-            self.dist.is_main,
-            log,
-        )
+        stop_for_preemption(self, flag, saved, log)
 
     def _agree(self, nonfinite: bool, signalled: bool) -> tuple[bool, bool]:
         return agree_across_ranks(nonfinite, signalled, self.device)

@@ -242,16 +242,7 @@ class VAETrainer:
             self.metrics.log(row)
 
     def _stop_preempted(self, flag: SignalFlag, saved: Path | None = None) -> None:
-        stop_for_preemption(
-            lambda reason: self.save(reason=reason),
-            saved,
-            self.run_dir,
-            self.global_step,
-            flag,
-            self.cfg.trainer.preemption.exit_code,
-            self.dist.is_main,
-            log,
-        )
+        stop_for_preemption(self, flag, saved, log)
 
     # ----------------------------------------------------------------------------- evaluate
     def reconstruct(self, video: Tensor) -> Tensor:
