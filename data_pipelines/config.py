@@ -74,8 +74,13 @@ def default_annotators() -> dict[str, Any]:
         "motion": {"_target_": f"{package}.image.Motion", "backend": "auto"},
         "speech": {"_target_": f"{package}.audio.SpeechActivity", "backend": "auto"},
         "loudness": {"_target_": f"{package}.audio.Loudness"},
-        "pose": {"_target_": f"{package}.body.BodyPose", "backend": "auto"},
-        "face": {"_target_": f"{package}.face.FaceDetector", "backend": "auto"},
+        # every_n_frames: run the model on every Nth frame, interpolate between (1 = all).
+        "pose": {"_target_": f"{package}.body.BodyPose", "backend": "auto", "every_n_frames": 1},
+        "face": {
+            "_target_": f"{package}.face.FaceDetector",
+            "backend": "auto",
+            "every_n_frames": 1,
+        },
         "lip_sync": {"_target_": f"{package}.lipsync.LipSync"},
     }
 
