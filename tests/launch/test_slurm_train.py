@@ -19,7 +19,9 @@ from data_pipelines.testing import build_sample_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-MAX_STEPS = 400  # ~0.1 s per step: enough left for slurm's time-limit check (every ~30 s)
+# 0.06-0.1 s a step: the time-limit warning (slurm checks every ~30 s) must come while the
+# first job still trains, and three more jobs need steps left after it.
+MAX_STEPS = 600
 KILL_WAIT_S = 30  # slurm.conf KillWait: SIGKILL follows a SIGTERM after this long
 
 
@@ -80,16 +82,19 @@ def _requeued(slurm, job: str, restarts: int) -> bool:
     )
 
 
-def _interrupt(slurm, job: str, run_dir: Path, log: Path, restarts: int, send) -> dict:
-    """Let the job train a few steps past its resume point, signal it with ``send``, wait for
+def _interrupt(
+    slurm, job: str, run_dir: Path, log: Path, restarts: int, send, steps: int = 5
+) -> dict:
+    """Let the job train ``steps`` past its resume point, signal it with ``send``, wait for
     the requeue; the preemption marker the training left, with timings."""
     resumed_at = _last_step(run_dir)
     slurm.wait_for(
         lambda: (
-            slurm.job_field(job, "JobState") == "RUNNING" and _last_step(run_dir) >= resumed_at + 5
+            slurm.job_field(job, "JobState") == "RUNNING"
+            and _last_step(run_dir) >= resumed_at + steps
         ),
         240,
-        f"job {job} to train past step {resumed_at + 5}",
+        f"job {job} to train past step {resumed_at + steps}",
         log,
     )
     sent = time.time()
@@ -117,7 +122,8 @@ def test_time_limit_warning_sigterm_and_requeue_each_resume_with_identical_losse
     def shorten_time_limit():
         slurm.scontrol("update", f"jobid={job}", "TimeLimit=5")
 
-    markers.append(_interrupt(slurm, job, run_dir, log, 1, shorten_time_limit))
+    # As soon as training runs: slurm may take ~30 s to send it.
+    markers.append(_interrupt(slurm, job, run_dir, log, 1, shorten_time_limit, steps=1))
     slurm.scontrol("update", f"jobid={job}", "TimeLimit=10")
     slurm.release_requeued(job)
 
