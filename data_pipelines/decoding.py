@@ -31,9 +31,6 @@ from data_pipelines.probe import RejectedInput
 
 log = logging.getLogger(__name__)
 
-# A gap in a stream's timestamps shorter than this, with no packet lost, is a still stretch
-# (variable frame rate); a longer one is a timestamp jump.
-DEFAULT_MAX_GAP_SECONDS = 2.0
 # Decoders report damage instead of concealing it: checksums (AC3, some MP3) are verified and
 # any bitstream error fails the packet, which is then counted and skipped.
 ERROR_DETECTION = {"err_detect": "crccheck+bitstream+buffer+explode"}

@@ -9,7 +9,6 @@ have used, a resumed job writes the same shards, byte for byte, and never double
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -45,12 +44,6 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm"})
 MISSING_VALUES = ("", "???")
 PARTS_DIR = "parts"
-
-
-def partition_of(source: str, num_partitions: int) -> int:
-    """The partition of a source by the hash of its path (equal counts, not equal work).
-    run_shard assigns by a work-balanced plan instead (see workload.py)."""
-    return int(hashlib.sha1(source.encode("utf-8")).hexdigest()[:8], 16) % num_partitions
 
 
 def part_dir(output_dir: Path, partition: int, num_partitions: int) -> Path:

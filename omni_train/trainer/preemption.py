@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,15 @@ class SignalFlag:
     @property
     def raised(self) -> bool:
         return self.received is not None
+
+    @contextmanager
+    def restored_on_error(self) -> Iterator[None]:
+        """Put the previous handlers back if the block raises (a run that never starts)."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
 
     def seconds_since(self) -> float | None:
         """Seconds since the first signal arrived (None without one)."""

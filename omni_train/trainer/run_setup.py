@@ -96,7 +96,7 @@ def start_run(
     """Join the process group, prepare the run dir, find the checkpoint to resume and write
     this run's configs: the start every trainer shares."""
     signals = SignalFlag(tcfg.preemption.signals)
-    try:
+    with signals.restored_on_error():
         dist_info = init_distributed(
             tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
         )
@@ -105,9 +105,6 @@ def start_run(
         prepare_run_dir(run_dir, ckpt_root, dist_info.is_main, log)
         plan = plan_resume(ckpt_root, seed)
         ds_cfg = engine_config(tcfg, batch_size, dist_info, plan, run_dir, resolved)
-    except BaseException:
-        signals.restore()
-        raise
     return RunStart(dist_info, run_dir, ckpt_root, plan, ds_cfg, signals)
 
 

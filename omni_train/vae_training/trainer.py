@@ -87,11 +87,8 @@ class VAETrainer:
         self.resolved = resolved
         start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
         self.signals = start.signals
-        try:
+        with self.signals.restored_on_error():
             self._build(start)
-        except BaseException:
-            self.signals.restore()
-            raise
 
     def _build(self, start) -> None:
         cfg, tcfg, resolved = self.cfg, self.cfg.trainer, self.resolved
