@@ -154,24 +154,31 @@ def _median_of_sorted(values: list[float]) -> float:
     return values[middle] if n % 2 else (values[middle - 1] + values[middle]) / 2
 
 
-_CHANNEL_OFFSETS = np.array([0, HIST_BINS, 2 * HIST_BINS], np.uint8)
-
-
 def _frame_features(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The colour histogram and the 8x8-block means of a frame, read at every other pixel
     and row once both sides are at least 32 (each 8x8 block then from its 4x4 samples)."""
     h, w = frame.shape[:2]
     step = 2 if min(h, w) >= 32 else 1
-    block = 8 // step
     sample = frame[::step, ::step]
-    bins = (sample >> 4) + _CHANNEL_OFFSETS  # 16 bins per channel, one bincount
-    hist = np.bincount(bins.ravel(), minlength=3 * HIST_BINS) / (sample.shape[0] * sample.shape[1])
+    # 16 bins per channel: each channel's 256 levels counted, then summed 16 at a time.
+    counts = [
+        np.bincount(sample[..., channel].reshape(-1), minlength=256)
+        .reshape(HIST_BINS, 256 // HIST_BINS)
+        .sum(axis=1)
+        for channel in range(3)
+    ]
+    hist = np.concatenate(counts) / (sample.shape[0] * sample.shape[1])
     if h < 8 or w < 8:
         return hist, _block_means(frame[None].astype(np.float32), 8)[0]
     hb, wb = h // 8, w // 8
-    region = sample[: hb * block, : wb * block].reshape(hb, block, wb, block, 3)
-    sums = region.sum(axis=(1, 3), dtype=np.uint32)
-    return hist, sums.astype(np.float32) / np.float32(block * block)
+    # Rows first, as whole contiguous lines (the fast reduction), then the columns.
+    rows = frame[: hb * 8].reshape(hb, 8 // step, step, w, 3)[:, :, 0, : wb * 8]
+    row_sums = rows.sum(axis=1, dtype=np.uint16)  # at most 8 x 255
+    columns = row_sums.reshape(hb, wb, 8, 3)
+    sums = columns[:, :, 0].copy()  # at most 64 x 255: uint16 holds it
+    for column in range(step, 8, step):  # strided adds beat a reduction over a short axis
+        sums += columns[:, :, column]
+    return hist, sums.astype(np.float32) / np.float32((8 // step) ** 2)
 
 
 def _change_score(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:

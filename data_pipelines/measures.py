@@ -8,6 +8,8 @@ caller measuring one clip several ways converts it to grey once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from data_pipelines.config import VoiceActivityConfig
@@ -77,8 +79,26 @@ def frame_rms(audio: np.ndarray, sample_rate: int, fps: float, num_frames: int) 
 
 
 # ----------------------------------------------------------------------------- image
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_CHUNK_VALUES = 1 << 18  # frames are processed ~1 MB of float32 at a time, so each pass
+# over a chunk stays in cache (2-3x faster than whole-clip passes; the same result)
+
+
+def _chunks(num_frames: int, frame_values: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_VALUES // max(1, frame_values))
+    for start in range(0, num_frames, step):
+        yield slice(start, min(num_frames, start + step))
+
+
 def grey(frames: np.ndarray) -> np.ndarray:
-    return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    """(..., H, W, 3) uint8 RGB -> (..., H, W) float32 luma, 0-255."""
+    if frames.ndim < 4:
+        return frames.astype(np.float32) @ _LUMA
+    out = np.empty(frames.shape[:-1], np.float32)
+    flat_in, flat_out = frames.reshape(-1, *frames.shape[-3:]), out.reshape(-1, *out.shape[-2:])
+    for chunk in _chunks(len(flat_in), flat_in[0].size):
+        np.matmul(flat_in[chunk].astype(np.float32), _LUMA, out=flat_out[chunk])
+    return out
 
 
 def _grey_of(frames: np.ndarray, grey_frames: np.ndarray | None) -> np.ndarray:
@@ -99,20 +119,35 @@ def motion(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     if len(frames) < 2:
         return 0.0
     g = _grey_of(frames, grey_frames)
-    return float(np.abs(np.diff(g, axis=0)).mean() / 255.0)
+    differences = np.empty((len(g) - 1, *g.shape[1:]), np.float32)
+    for chunk in _chunks(len(differences), g[0].size):
+        later = slice(chunk.start + 1, chunk.stop + 1)
+        np.subtract(g[later], g[chunk], out=differences[chunk])
+        np.abs(differences[chunk], out=differences[chunk])
+    return float(differences.mean() / 255.0)
 
 
 def sharpness(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     """Mean over frames of the variance of the 4-neighbour Laplacian (0-255 grey)."""
     g = _grey_of(frames, grey_frames)
-    lap = (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
-           - 4.0 * g[:, 1:-1, 1:-1])  # fmt: skip
-    return float(lap.reshape(len(g), -1).var(axis=1).mean())
+    variances = np.empty(len(g), np.float32)
+    for chunk in _chunks(len(g), g[0].size):
+        x = g[chunk]
+        lap = x[:, :-2, 1:-1] + x[:, 2:, 1:-1]
+        lap += x[:, 1:-1, :-2]
+        lap += x[:, 1:-1, 2:]
+        lap -= 4.0 * x[:, 1:-1, 1:-1]
+        variances[chunk] = lap.reshape(len(x), -1).var(axis=1)
+    return float(variances.mean())
 
 
 def contrast(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:
     """Mean over frames of the standard deviation of grey levels (0-255); ~0 means blank."""
-    return float(_grey_of(frames, grey_frames).reshape(len(frames), -1).std(axis=1).mean())
+    g = _grey_of(frames, grey_frames)
+    deviations = np.empty(len(g), np.float32)
+    for chunk in _chunks(len(g), g[0].size):
+        deviations[chunk] = g[chunk].reshape(len(g[chunk]), -1).std(axis=1)
+    return float(deviations.mean())
 
 
 def brightness(frames: np.ndarray, grey_frames: np.ndarray | None = None) -> float:

@@ -219,7 +219,9 @@ def _cut_and_measure(
         if audio is not None:
             audio.align(origin, damage)
 
-    decoded = video_frames(path, fps, cfg.max_side, damage, cfg.max_gap_seconds, align_audio)
+    decoded = video_frames(
+        path, fps, cfg.max_side, damage, cfg.max_gap_seconds, align_audio, cfg.decode_threads
+    )
     try:
         while True:
             with timings.stage("decode_video"):
@@ -310,7 +312,7 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
         sample_rate=sr, start=start_s, end=end_s, floor_dbfs=context.floor,
         caption=context.caption.text, sidecar_pose=context.sidecars.pose, vad=cfg.vad,
     )  # fmt: skip
-    if measures.contrast(frames, view.grey) < cfg.min_frame_contrast:
+    if view.contrast < cfg.min_frame_contrast:
         return {
             **rejected,
             "reason": "blank",

@@ -5,7 +5,7 @@ config lists them under ``annotators`` as Hydra ``_target_`` nodes and they run 
 so a later one (lip-sync) can read what an earlier one (face landmarks, audio) found.
 Every annotator is deterministic: the same clip gives the same findings.
 
-Views derived from the frames that several annotators need (``ClipView.grey``) are computed
+Views derived from the frames that several readers need (``ClipView.grey``, ``contrast``) are computed
 once per clip, on first use, and shared; read them, never write to them.
 """
 
@@ -59,6 +59,11 @@ class ClipView:
         grey = measures.grey(self.frames)
         grey.setflags(write=False)
         return grey
+
+    @cached_property
+    def contrast(self) -> float:
+        """``measures.contrast(frames)``: the shard's blank-clip check and image quality."""
+        return measures.contrast(self.frames, self.grey)
 
 
 @dataclass

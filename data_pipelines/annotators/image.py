@@ -17,7 +17,7 @@ class ImageQuality:
 
     def __call__(self, clip: ClipView, found: Findings) -> None:
         found.scores["sharpness"] = measures.sharpness(clip.frames, clip.grey)
-        found.scores["contrast"] = measures.contrast(clip.frames, clip.grey)
+        found.scores["contrast"] = clip.contrast
         found.scores["brightness"] = measures.brightness(clip.frames, clip.grey)
         found.methods["image_quality"] = "laplacian_variance"
 

@@ -107,8 +107,8 @@ def test_other_settings_on_the_same_output_are_refused(sample, tmp_path):
         _shard(sample, out, fps=12.0)
 
 
-def test_parallel_workers_write_the_same_bytes(sample, tmp_path):
+def test_parallel_workers_and_decoder_threads_write_the_same_bytes(sample, tmp_path):
     out = tmp_path / "data"
-    stats = _shard(sample, out, workers=2)
+    stats = _shard(sample, out, workers=2, decode_threads=0)
     assert _contents(out) == _contents(sample.data)
     assert stats == json.loads((sample.data / "stats.json").read_text())
