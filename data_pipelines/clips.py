@@ -72,6 +72,8 @@ def clip_spans(
 class Clip:
     start: int  # frame index of its first frame
     frames: np.ndarray  # (T, H, W, 3) uint8
+    # The frames as yuv420p planes (T, H * 3 / 2, W) when they were pushed with them.
+    planes: np.ndarray | None = None
 
 
 class ShotCutter:
@@ -82,6 +84,7 @@ class ShotCutter:
     def __init__(self, threshold: float, clip_frames: int, min_frames: int) -> None:
         self.threshold, self.clip_frames, self.min_frames = threshold, clip_frames, min_frames
         self.frames: list[np.ndarray] = []  # frames from index self.first on
+        self.planes: list[np.ndarray] = []  # their yuv420p planes, when pushed with them
         self.first = 0
         self.count = 0  # frames pushed
         self.scores: dict[int, float] = {}  # score k compares frames k and k+1
@@ -90,8 +93,11 @@ class ShotCutter:
         self.piece = 0  # first frame of the clip being filled
         self._features: tuple[np.ndarray, np.ndarray] | None = None
 
-    def push(self, frame: np.ndarray, new_shot: bool = False) -> list[Clip]:
-        """Add the next frame (``new_shot``: a cut is known to precede it)."""
+    def push(
+        self, frame: np.ndarray, new_shot: bool = False, planes: np.ndarray | None = None
+    ) -> list[Clip]:
+        """Add the next frame (``new_shot``: a cut is known to precede it; ``planes``: the
+        same frame as yuv420p planes, handed on in the clip; all frames or none)."""
         features = _frame_features(frame)
         if self._features is not None:
             self.scores[self.count - 1] = _change_score(self._features, features)
@@ -99,6 +105,10 @@ class ShotCutter:
         if new_shot and self.count > 0:
             self.cuts.append(self.count)
         self.frames.append(frame)
+        if planes is not None:
+            self.planes.append(planes)
+        if len(self.planes) not in (0, len(self.frames)):
+            raise ValueError("push planes with every frame or with none")
         self.count += 1
         self._decide(final=False)
         return self._emit(final=False)
@@ -136,11 +146,14 @@ class ShotCutter:
                 break
             if end - self.piece >= self.min_frames:
                 start = self.piece - self.first
-                out.append(Clip(self.piece, np.stack(self.frames[start : end - self.first])))
+                span = slice(start, end - self.first)
+                planes = np.stack(self.planes[span]) if self.planes else None
+                out.append(Clip(self.piece, np.stack(self.frames[span]), planes))
             self.piece = end
             self.cuts = [c for c in self.cuts if c > self.piece]
             drop = self.piece - self.first
             del self.frames[:drop]
+            del self.planes[:drop]
             self.first = self.piece
         return out
 

@@ -157,8 +157,13 @@ class Timeline:
 
 @dataclass(frozen=True)
 class VideoFrameOut:
-    image: np.ndarray  # (H, W, 3) uint8, upright
+    image: np.ndarray  # (H, W, 3) uint8 RGB, upright
+    # The same frame as the encoder takes it: yuv420p planes packed as PyAV packs them,
+    # (H * 3 / 2, W) uint8 (Y, then U, then V), in the source's colour matrix. Scaling
+    # happens in YUV, so a stored clip's colours make no round trip through RGB.
+    planes: np.ndarray
     new_shot: bool  # a timestamp jump precedes this frame: no clip may span it
+    colorspace: int = 2  # the planes' matrix (FFmpeg's AVColorSpace; 2 = unspecified)
 
 
 def video_frames(
@@ -217,14 +222,16 @@ def video_frames(
                     use_previous = previous is not None and (
                         target < time - period / 2 or target - previous[1] < time - target
                     )
-                    image = convert(previous[0] if use_previous else frame)
-                    yield VideoFrameOut(image, new_shot and not use_previous)
+                    image, planes = convert(previous[0] if use_previous else frame)
+                    yield VideoFrameOut(
+                        image, planes, new_shot and not use_previous, convert.colorspace
+                    )
                     new_shot = new_shot and use_previous
                     emitted += 1
                 previous = (frame, time)
         # The last frame is shown for one source frame period.
         while previous is not None and emitted / fps < previous[1] + period / 2:
-            yield VideoFrameOut(convert(previous[0]), False)
+            yield VideoFrameOut(*convert(previous[0]), False, convert.colorspace)
             emitted += 1
     if emitted == 0:
         raise RejectedInput("no_frames", "the video stream decodes to no frames")
@@ -262,28 +269,54 @@ class _UnseenPackets:
 
 
 def _converter(first: av.VideoFrame, max_side: int):
-    """frame -> upright RGB at the output size (the size fixed by the first frame)."""
+    """frame -> (upright RGB, upright yuv420p planes) at the output size (the size fixed by
+    the first frame). A frame held over several output frames is converted once."""
     rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
     upright_w, upright_h = first.width, first.height
     if rotation in (90, 270):
         upright_w, upright_h = upright_h, upright_w
     out_w, out_h = output_size(upright_w, upright_h, max_side)
     scaled = (out_h, out_w) if rotation in (90, 270) else (out_w, out_h)
-    # One scaler for the whole source: frame.reformat builds a new one per call, which costs
-    # ~10x the conversion itself (same output either way).
-    reformatter = VideoReformatter()
+    # One scaler per conversion for the whole source: frame.reformat builds a new one per
+    # call, which costs ~10x the conversion itself. One thread each: swscale's own threads
+    # cost ~50 % more CPU, and the job's parallelism is its workers.
+    to_yuv, to_rgb = VideoReformatter(), VideoReformatter()
+    last: tuple[av.VideoFrame | None, tuple[np.ndarray, np.ndarray] | None] = (None, None)
 
-    def convert(frame: av.VideoFrame) -> np.ndarray:
-        image = reformatter.reformat(
-            frame, width=scaled[0], height=scaled[1], format="rgb24", interpolation="AREA"
-        ).to_ndarray()
+    def convert(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal last
+        if last[0] is frame and last[1] is not None:
+            return last[1]
+        # The planes keep the source's matrix (the stored clip is tagged with it: swscale's
+        # YUV-to-YUV matrix change was seen to shift every level by ~4), and RGB is read from
+        # them with that matrix. Scaling the planes costs about half of scaling RGB.
+        yuv = to_yuv.reformat(frame, width=scaled[0], height=scaled[1], format="yuv420p",
+                              interpolation="AREA", threads=1)  # fmt: skip
+        image = to_rgb.reformat(yuv, format="rgb24", threads=1).to_ndarray()
+        planes = yuv.to_ndarray()
         if rotation:
             # `rotation` is the display matrix's counter-clockwise turn (a phone's clockwise
             # "rotate=90" tag reads -90, i.e. 270 here); np.rot90 turns counter-clockwise.
             image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
-        return image
+            planes = rotate_planes(planes, rotation // 90)
+        last = (frame, (image, planes))
+        return image, planes
 
+    convert.colorspace = int(first.colorspace)
     return convert
+
+
+def rotate_planes(planes: np.ndarray, quarter_turns: int) -> np.ndarray:
+    """yuv420p planes packed (H * 3 / 2, W) turned counter-clockwise like np.rot90."""
+    height, width = planes.shape[0] * 2 // 3, planes.shape[1]
+    flat = planes.reshape(-1)
+    chroma = height * width // 4
+    luma = flat[: height * width].reshape(height, width)
+    u = flat[height * width : height * width + chroma].reshape(height // 2, width // 2)
+    v = flat[height * width + chroma :].reshape(height // 2, width // 2)
+    turned = [np.rot90(plane, k=quarter_turns).reshape(-1) for plane in (luma, u, v)]
+    new_width = height if quarter_turns % 2 else width
+    return np.concatenate(turned).reshape(-1, new_width)
 
 
 class AudioTrack:

@@ -28,7 +28,7 @@ from data_pipelines.annotators.base import run_timed
 from data_pipelines.clips import Clip, ShotCutter
 from data_pipelines.config import ShardConfig
 from data_pipelines.decoding import AudioTrack, DamageLog, video_frames
-from data_pipelines.media import encode_mp4
+from data_pipelines.media import UNSPECIFIED_COLORSPACE, encode_mp4
 from data_pipelines.probe import RejectedInput, probe_video
 from data_pipelines.tags import condition_tiers
 
@@ -214,6 +214,7 @@ def _cut_and_measure(
         path, source, sidecars, caption, damage, audio, floor, cfg, timings, spool
     )
     frames = 0
+    colorspace = UNSPECIFIED_COLORSPACE  # the source's, from its first frame
 
     def align_audio(origin: float) -> None:
         if audio is not None:
@@ -230,11 +231,14 @@ def _cut_and_measure(
                 break
             frames += 1
             with timings.stage("cut"):
-                clips = cutter.push(out.image, out.new_shot)
+                clips = cutter.push(out.image, out.new_shot, out.planes)
+            colorspace = out.colorspace
             for clip in clips:
-                _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
+                index = len(result.samples) + len(result.rejects)
+                _add(result, _make_sample(context, index, clip, colorspace))
         for clip in cutter.finish():
-            _add(result, _make_sample(context, len(result.samples) + len(result.rejects), clip))
+            index = len(result.samples) + len(result.rejects)
+            _add(result, _make_sample(context, index, clip, colorspace))
     except av.error.FFmpegError as err:
         why = getattr(err, "strerror", None) or str(err)
         raise RejectedInput("decode_error", f"the video stream stops decoding ({why})") from err
@@ -299,7 +303,9 @@ def track_noise_floor(track: AudioTrack, vad) -> float:
     return float(np.percentile(np.concatenate(energies), 10))
 
 
-def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample | dict:
+def _make_sample(
+    context: _SourceContext, clip_index: int, clip: Clip, colorspace: int
+) -> Sample | dict:
     cfg = context.cfg
     fps = float(cfg.fps)
     sr = cfg.audio_sample_rate
@@ -356,7 +362,7 @@ def _make_sample(context: _SourceContext, clip_index: int, clip: Clip) -> Sample
         },
     }
     with context.timings.stage("encode"):
-        mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf)
+        mp4 = encode_mp4(frames, fps, audio, sr, cfg.crf, clip.planes, colorspace)
     return Sample(key, context.spool.put(mp4) if context.spool else mp4, meta)
 
 
