@@ -53,7 +53,8 @@ def make_model(skip=("pose_patch_embed",), **dit_overrides):
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model()[0]
+    """Every path live, pose included: its patch embedding gets random weights too."""
+    return make_model(skip=())[0]
 
 
 def run(model, inputs, **changes):
@@ -150,13 +151,10 @@ def test_audio_reaches_every_block(model):
         assert (first - second).abs().max() > 1e-6
 
 
-def test_pose_off_equals_pose_none_and_pose_is_silent_until_trained():
-    model, _ = make_model()
+def test_pose_is_silent_until_trained():
+    model, _ = make_model()  # pose patch embedding still at its zero init
     inputs = make_inputs()
     without = run(model, inputs, pose_heatmaps=None)
-    torch.testing.assert_close(
-        run(model, inputs, active=with_flag(inputs, "pose", False)), without, rtol=0, atol=0
-    )
     other_pose = torch.rand_like(inputs["pose_heatmaps"])
     torch.testing.assert_close(run(model, inputs), without, rtol=0, atol=0)
     torch.testing.assert_close(run(model, inputs, pose_heatmaps=other_pose), without)
@@ -168,9 +166,32 @@ def test_pose_off_equals_pose_none_and_pose_is_silent_until_trained():
     torch.testing.assert_close(run(model, inputs, pose_heatmaps=None), without)
 
 
+def test_pose_off_is_zero_pose_features_per_sample(model):
+    # The guider's features of any heatmaps (blank ones too: its biases) are non-zero and
+    # reach the output through the randomised pose patch embedding ...
+    inputs = make_inputs()
+    without = run(model, inputs, pose_heatmaps=None)
+    for heatmaps in (inputs["pose_heatmaps"], torch.zeros_like(inputs["pose_heatmaps"])):
+        moved = (run(model, inputs, pose_heatmaps=heatmaps) - without).abs().amax(dim=(1, 2, 3, 4))
+        assert (moved > 1e-4).all()
+    # ... so a sample with pose off matches pose=None exactly while its neighbour keeps pose.
+    active = dict(inputs["active"], pose=torch.tensor([True, False]))
+    mixed = run(model, inputs, active=active)
+    torch.testing.assert_close(mixed[1], without[1], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[0], run(model, inputs)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        run(model, inputs, active=with_flag(inputs, "pose", False)), without, rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize(
     ("condition", "field"),
-    [("text", "text"), ("ref", "ref_latents"), ("audio", "audio_features")],
+    [
+        ("text", "text"),
+        ("ref", "ref_latents"),
+        ("audio", "audio_features"),
+        ("pose", "pose_heatmaps"),
+    ],
 )
 def test_inactive_condition_is_replaced_by_its_null(model, condition, field):
     inputs = make_inputs()
@@ -332,7 +353,7 @@ def test_motion_frames_condition_the_generated_frames(model):
     [("text", "null_text"), ("ref", "null_reference"), ("audio", "null_audio")],
 )
 def test_switched_off_condition_is_its_learned_null_not_dropped(condition, null):
-    model, _ = make_model()
+    model, _ = make_model(skip=())
     inputs = make_inputs()
     off = with_flag(inputs, condition, False)
     before_off, before_on = run(model, inputs, active=off), run(model, inputs)
@@ -342,6 +363,20 @@ def test_switched_off_condition_is_its_learned_null_not_dropped(condition, null)
     assert (run(model, inputs, active=off) - before_off).abs().max() > 1e-5
     # ... and only then.
     torch.testing.assert_close(run(model, inputs), before_on)
+
+
+def test_switched_off_pose_has_no_null_and_ignores_the_pose_weights():
+    # Pose off is zero features, not a learned null: changing the guider and the pose patch
+    # embedding moves the output only while pose is on.
+    model, _ = make_model(skip=())
+    inputs = make_inputs()
+    off = with_flag(inputs, "pose", False)
+    before_off, before_on = run(model, inputs, active=off), run(model, inputs)
+    with torch.no_grad():
+        for param in (*model.pose_guider.parameters(), model.pose_patch_embed.weight):
+            param.add_(torch.randn_like(param) * 0.1)
+    assert (run(model, inputs) - before_on).abs().max() > 1e-4
+    torch.testing.assert_close(run(model, inputs, active=off), before_off, rtol=0, atol=0)
 
 
 def test_checkpoint_every_n_blocks_recomputes_only_those_blocks():

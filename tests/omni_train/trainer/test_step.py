@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,64 @@ def test_a_condition_off_for_the_whole_batch_still_gives_every_module_a_gradient
     denoiser = parts[1]
     assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
     denoiser.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="module")
+def live_denoiser(parts):
+    """The denoiser with its zero-initialised weights (pose patch embedding, gates, final
+    layer) randomised, so every condition, pose included, reaches the loss."""
+    denoiser = copy.deepcopy(parts[1])
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in denoiser.parameters():
+            if param.abs().max() == 0:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return denoiser
+
+
+def _per_sample(parts, denoiser, masks, batch=None, model=None):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        result = compute_loss(
+            model or denoiser,
+            parts[0],
+            batch or _batch(),
+            masks,
+            0,
+            DiffusionConfig(),
+            gen,
+            torch.device("cpu"),
+        )
+    return result.per_sample
+
+
+def test_a_sample_with_pose_off_ignores_its_keypoints(parts, live_denoiser):
+    masks = _masks([True, True], [True, True], [True, True], [True, False])
+    batch = _batch()
+    moved = dict(batch, keypoints=torch.rand(batch["keypoints"].shape))
+    base = _per_sample(parts, live_denoiser, masks, batch)
+    changed = _per_sample(parts, live_denoiser, masks, moved)
+    assert abs(float(changed[0] - base[0])) > 1e-5  # pose on: its keypoints matter
+    torch.testing.assert_close(changed[1], base[1], rtol=0, atol=0)
+
+
+def test_pose_off_for_the_whole_batch_is_the_model_without_pose(parts, live_denoiser):
+    masks = _masks([True, True], [True, True], [True, True], [False, False])
+
+    def without_pose(*args, **kwargs):
+        return live_denoiser(*args, **{**kwargs, "pose_heatmaps": None})
+
+    torch.testing.assert_close(
+        _per_sample(parts, live_denoiser, masks),
+        _per_sample(parts, live_denoiser, masks, model=without_pose),
+        rtol=0,
+        atol=0,
+    )
+    on = _masks([True, True], [True, True], [True, True], [True, True])
+    with_pose = _per_sample(parts, live_denoiser, on)
+    assert (
+        with_pose - _per_sample(parts, live_denoiser, on, model=without_pose)
+    ).abs().min() > 1e-5
 
 
 def test_rows_sum_over_ranks_and_micro_batches():
