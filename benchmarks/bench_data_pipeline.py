@@ -35,6 +35,7 @@ from av.video.reformatter import VideoReformatter  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.native_logs import drop_native_log_noise  # noqa: E402
 from data_pipelines.config import SampleCorpusConfig, ShardConfig, default_annotators  # noqa: E402
 from data_pipelines.media import encode_mp4  # noqa: E402
 from data_pipelines.pipeline import run_shard, scan_inputs  # noqa: E402
@@ -204,6 +205,8 @@ def projection(clip_seconds: float, rates: dict[str, float]) -> None:
 
 def main() -> None:
     logging.disable(logging.WARNING)
+    # MediaPipe's C++ absl warnings ignore every env var; see native_logs.py.
+    drop_native_log_noise()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = work / "corpus"

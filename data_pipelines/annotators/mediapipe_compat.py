@@ -1,10 +1,18 @@
 """Import MediaPipe's legacy solutions under protobuf 7.
 
 mediapipe 0.10.21 is the last release whose models ship in the wheel (later ones download
-them at run time, which fails offline). Its ``SolutionBase`` sets calculator options by
-reading ``FieldDescriptor.label``, which protobuf 7 removed (``is_repeated`` replaces it);
-wandb needs protobuf 7, so both must live in one environment. When ``label`` is missing, the
-one method that reads it is replaced by an equivalent that asks ``is_repeated``.
+them at run time, which fails offline). It was built against protobuf 4, and this
+environment has protobuf 7 (the version pinned for wandb), which removed two APIs it uses:
+
+- ``FieldDescriptor.label`` (``is_repeated`` replaces it), read by ``SolutionBase`` to set
+  calculator options. When ``label`` is missing, that one method is replaced by an
+  equivalent that asks ``is_repeated``.
+- ``MessageFactory.GetPrototype`` (protobuf 6.30 removed it; the module-level
+  ``GetMessageClass`` replaces it), looked up by the pybind11_protobuf code inside
+  MediaPipe's bindings when they are imported. Missing, it prints ``AttributeError:
+  'MessageFactory' object has no attribute 'GetPrototype'`` and that code falls back to
+  importing ``*_pb2`` modules. The method is put back, returning ``GetMessageClass``'s
+  class, before ``mediapipe`` is imported.
 """
 
 from __future__ import annotations
@@ -66,9 +74,24 @@ def _modify_calculator_options(self, graph_config: Any, params: Mapping[str, Any
         raise ValueError("Not all calculator params are valid.")
 
 
+def _get_prototype(self, descriptor: Any) -> type:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(descriptor)
+
+
+def provide_get_prototype() -> None:
+    """Give protobuf's ``MessageFactory`` its removed ``GetPrototype`` when it lacks one."""
+    from google.protobuf import message_factory
+
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        message_factory.MessageFactory.GetPrototype = _get_prototype
+
+
 def import_mediapipe(why: str, required: bool) -> Any | None:
     """``mediapipe`` with its legacy solutions usable under this protobuf, or None."""
     global _patched
+    provide_get_prototype()  # before the import: the bindings look it up while loading
     mp = optional_import("mediapipe", why, required)
     if mp is None or _patched:
         return mp
