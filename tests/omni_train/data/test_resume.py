@@ -1,4 +1,9 @@
-"""Exact resume: after SIGKILL on the same layout, and across a change of world size."""
+"""Exact resume: after SIGKILL on the same layout, and across a change of world size.
+
+How many batches each rank consumes past its save before SIGKILL is drawn from a generator
+seeded by the environment variable OMNI_FAULT_SEED (default 0; tests/omni_train/conftest.py);
+a failure names the seed, and ``OMNI_FAULT_SEED=N .venv/bin/pytest THIS_FILE`` replays it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +35,9 @@ def _keys(loader, batches: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- kill -9
-def _train_until_killed(cfg, rank, world_size, save_after, state_path, keys_path):
-    """Consume batches, 'checkpoint' the loader after ``save_after``, keep going until killed."""
+def _train_until_killed(cfg, rank, world_size, save_after, kill_after, state_path, keys_path):
+    """Consume batches, 'checkpoint' the loader after ``save_after``, consume up to batch
+    ``kill_after`` (the loader's workers prefetch on), then wait for SIGKILL."""
     loader = build_loader(cfg, rank, world_size, seed=11)
     consumed = []
     for count, batch in enumerate(loader, start=1):
@@ -42,42 +49,49 @@ def _train_until_killed(cfg, rank, world_size, save_after, state_path, keys_path
             os.replace(tmp, state_path)
             with open(keys_path, "w") as handle:
                 json.dump(consumed, handle)
-        if count > save_after:
-            time.sleep(0.05)  # a training step; SIGKILL lands between batches
+        if count == kill_after:
+            with open(f"{state_path}.waiting", "w") as handle:
+                handle.write(str(count))
+            while True:
+                time.sleep(1)
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_consumes_the_keys_of_an_uninterrupted_run(corpus, tmp_path):
+def test_sigkill_then_restart_consumes_the_keys_of_an_uninterrupted_run(
+    corpus, tmp_path, fault_rng
+):
     cfg = _cfg(corpus.pattern, num_workers=2)
     world_size, save_after, after = 2, 5, 6
+    kill_after = save_after + fault_rng.randint(1, 4)
+    fault = f"killed after batch {kill_after} ({fault_rng.replay})"
     context = multiprocessing.get_context("fork")
     procs, paths = [], []
     for rank in range(world_size):
         state_path, keys_path = tmp_path / f"loader_rank{rank}.json", tmp_path / f"keys{rank}"
         proc = context.Process(
             target=_train_until_killed,
-            args=(cfg, rank, world_size, save_after, str(state_path), str(keys_path)),
+            args=(cfg, rank, world_size, save_after, kill_after, str(state_path), str(keys_path)),
         )
         proc.start()
         procs.append(proc)
         paths.append((state_path, keys_path))
+    waiting = [Path(f"{state_path}.waiting") for state_path, _ in paths]
     deadline = time.monotonic() + 120
-    while not all(p.exists() for pair in paths for p in pair):
-        assert time.monotonic() < deadline, "ranks never saved their loader state"
-        assert all(p.is_alive() for p in procs), "a rank died before saving"
+    while not all(p.exists() for p in waiting):
+        assert time.monotonic() < deadline, f"ranks never reached the kill point; {fault}"
+        assert all(p.is_alive() for p in procs), f"a rank died before the kill point; {fault}"
         time.sleep(0.05)
-    time.sleep(0.3)  # let them run on past the save
     for proc in procs:
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=30)
-        assert proc.exitcode == -signal.SIGKILL
+        assert proc.exitcode == -signal.SIGKILL, fault
 
     for rank, (state_path, keys_path) in enumerate(paths):
         state = json.loads(state_path.read_text())
         resumed = _keys(build_loader(cfg, rank, world_size, seed=11, state=state), after)
         straight = _keys(build_loader(cfg, rank, world_size, seed=11), save_after + after)
-        assert json.loads(keys_path.read_text()) == straight[: 2 * save_after]
-        assert resumed == straight[2 * save_after :], f"rank {rank}"
+        assert json.loads(keys_path.read_text()) == straight[: 2 * save_after], fault
+        assert resumed == straight[2 * save_after :], f"rank {rank}; {fault}"
 
 
 # ----------------------------------------------------------------------------- new layout

@@ -1,10 +1,16 @@
 """kill -9 at a random step or during a save, SIGTERM/SIGUSR1 preemption, NaN losses: each
-restart resumes by itself and continues with the losses of an uninterrupted run."""
+restart resumes by itself and continues with the losses of an uninterrupted run.
+
+The random choices (the step to kill at, the point of a save to kill in) are seeded by the
+environment variable OMNI_FAULT_SEED (default 0; tests/omni_train/conftest.py). A failure
+names the seed; rerun with it to replay the same faults, or set another seed to try others:
+
+    OMNI_FAULT_SEED=7 .venv/bin/pytest tests/omni_train/trainer/test_fault_tolerance.py
+"""
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 from pathlib import Path
 
@@ -105,42 +111,45 @@ def reference(tmp_path_factory, trainer_shards) -> list[dict]:
     return metric_rows(run_dir)
 
 
-def _assert_same_losses(run_dir: Path, reference: list[dict]) -> None:
+def _assert_same_losses(run_dir: Path, reference: list[dict], fault: str = "") -> None:
     rows = metric_rows(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1)), fault
     for got, want in zip(rows, reference, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), got["step"]
-        assert got["active_audio"] == want["active_audio"]
+        where = f"step {got['step']}; {fault}"
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), where
+        assert got["active_audio"] == want["active_audio"], where
 
 
 def test_kill_9_at_a_random_step_then_restart_gives_identical_losses(
-    reference, trainer_shards, tmp_path
+    reference, trainer_shards, tmp_path, fault_rng
 ):
-    kill_at = random.Random().randint(1, MAX_STEPS - 1)
+    kill_at = fault_rng.randint(1, MAX_STEPS - 1)
+    fault = f"killed after step {kill_at} ({fault_rng.replay})"
     run_dir = tmp_path / "run"
     overrides = run_overrides(run_dir, trainer_shards, MAX_STEPS)
     with pytest.raises(RuntimeError, match="exit code -9"):
         run_ranks(_train, 2, overrides, ("kill", kill_at))
     newest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    assert (newest is None) == (kill_at < 2), f"killed after step {kill_at}"
-    assert run_ranks(_train, 2, overrides) == [("finished", 0, MAX_STEPS)] * 2
-    _assert_same_losses(run_dir, reference)
+    assert (newest is None) == (kill_at < 2), fault
+    assert run_ranks(_train, 2, overrides) == [("finished", 0, MAX_STEPS)] * 2, fault
+    _assert_same_losses(run_dir, reference, fault)
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_newest(
-    reference, trainer_shards, tmp_path
+    reference, trainer_shards, tmp_path, fault_rng
 ):
-    point = random.Random().choice(["after_deepspeed", "before_weights"])
+    point = fault_rng.choice(["after_deepspeed", "before_weights"])
+    fault = f"killed in the step-4 save {point} ({fault_rng.replay})"
     run_dir = tmp_path / "run"
     overrides = run_overrides(run_dir, trainer_shards, MAX_STEPS)
     with pytest.raises(RuntimeError, match="exit code -9"):
         run_ranks(_train, 2, overrides, (f"kill_in_save:{point}", 4))
     root = run_dir / "checkpoints"
-    assert ckpt.latest_checkpoint(root).name == "step_00000002"
-    assert any(p.name.startswith(".staging_") for p in root.iterdir())
-    assert run_ranks(_train, 2, overrides) == [("finished", 0, MAX_STEPS)] * 2, point
-    assert not any(p.name.startswith(".staging_") for p in root.iterdir())
-    _assert_same_losses(run_dir, reference)
+    assert ckpt.latest_checkpoint(root).name == "step_00000002", fault
+    assert any(p.name.startswith(".staging_") for p in root.iterdir()), fault
+    assert run_ranks(_train, 2, overrides) == [("finished", 0, MAX_STEPS)] * 2, fault
+    assert not any(p.name.startswith(".staging_") for p in root.iterdir()), fault
+    _assert_same_losses(run_dir, reference, fault)
 
 
 def test_sigterm_saves_and_exits_with_the_requeue_code_then_resumes(
