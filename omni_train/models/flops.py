@@ -3,7 +3,8 @@
 Counted as model FLOPs (the PaLM/MFU convention): every matrix multiply, convolution and
 attention score/value product of one forward pass, and of the backward pass that training
 runs; a multiply-add is 2 FLOPs. Backward is 2x forward for a layer whose input needs a
-gradient (input grad + weight grad) and 1x for a layer fed by data (weight grad only).
+gradient (input grad + weight grad) and 1x for a layer fed directly by data (weight grad only;
+a layer behind a learned norm of data, like the text projection, needs the input grad).
 Not counted: elementwise work (norms, RoPE, activations), the frozen VAE and encoders
 (forward only, outside the denoiser), and the extra forward that activation checkpointing
 recomputes (it costs time but is not model work). Attention is counted dense: padded text
@@ -128,7 +129,8 @@ def flop_breakdown(
     d = dit.hidden_size
     mlp = int(d * dit.mlp_ratio)
     patch_values = cfg.vae.latent_channels * dit.patch_size**2
-    pose_values = cfg.pose_guider.out_channels * (2 * cfg.pose_guider.neighbor_frames + 1)
+    pose_channels = cfg.pose_guider.out_channels * (2 * cfg.pose_guider.neighbor_frames + 1)
+    pose_values = pose_channels * dit.patch_size**2
     text_in, lt, nv = cfg.text_encoder.d_model, n.text_tokens, n.video_tokens
     audio_rows = n.latent_frames * n.audio_tokens_per_frame
 
@@ -151,7 +153,9 @@ def flop_breakdown(
     height, width = (int(v) for v in resolution)
     embeddings = (
         linear(nv, patch_values, d, input_grad=False)
-        + linear(lt, text_in, d, input_grad=False)
+        # The text projection's input is the output of a learned RMSNorm, whose weight
+        # needs the input gradient: backward is 2x although the text itself is data.
+        + linear(lt, text_in, d)
         + linear(1, TIMESTEP_FREQUENCY_DIM, d, input_grad=False)
         + linear(1, d, d)
     )
