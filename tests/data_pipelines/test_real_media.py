@@ -1,4 +1,10 @@
-"""The real annotators on real media (../shared/data): the issue's "done when" checks."""
+"""The real annotators on real media (../shared/data): the issue's "done when" checks.
+
+No file there pairs a face with its own voice (carphone.mp4 has no audio track, the speech
+has no picture), so the only real-media audio case is the negative: carphone with someone
+else's speech. The positive audio-strong case is the drawn close-up whose lips follow its
+voice (test_annotator_models.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import pytest
 
 from data_pipelines.annotators.audio import SpeechActivity
 from data_pipelines.config import ShardConfig
+from data_pipelines.figure import J
 from data_pipelines.media import encode_mp4
 from data_pipelines.pipeline import run_shard
 from data_pipelines.testing import decode_mp4, shard_members
@@ -18,7 +25,7 @@ from data_pipelines.voice import read_wav
 
 pytest.importorskip("mediapipe")
 pytest.importorskip("silero_vad")
-pytest.importorskip("cv2")
+cv2 = pytest.importorskip("cv2")
 
 
 def _shard_one(video: Path, tmp_path: Path, **overrides) -> dict:
@@ -61,6 +68,61 @@ def test_carphone_without_audio_is_audio_none_ref_strong(carphone):
     assert meta["quality"]["text"] == "weak" and meta["quality"]["methods"]["caption"] == "none"
     frames, audio, _ = decode_mp4(carphone["mp4"])
     assert audio is None and frames.shape == (24, 130, 160, 3)
+
+
+# messi5.jpg (548 x 342): the player's joint centres and face centre, read off the photo by
+# eye (pixels). A wide stance with the arms out: left and right lie 135-250 px apart.
+MESSI_JOINTS = {
+    "nose": (246, 120), "left_wrist": (350, 160), "right_wrist": (102, 100),
+    "left_knee": (360, 250), "right_knee": (225, 280),
+    "left_ankle": (425, 265), "right_ankle": (280, 318),
+}  # fmt: skip
+MESSI_FACE = (242, 112)
+PAN_WIDTH, PAN_FRAMES = 496, 24
+# Measured over the panned frames: joints 3-13 px off on average, 33 px at worst (the left
+# knee in one frame); the face box centre 0-4 px off.
+JOINT_MAX_ERROR, JOINT_MEAN_ERROR, FACE_ERROR = 45.0, 20.0, 12.0
+
+
+@pytest.fixture(scope="module")
+def messi_pan(shared_data, tmp_path_factory) -> tuple[dict, np.ndarray]:
+    """3 s at 8 fps of a camera panning 52 px across messi5.jpg, the whole player in every
+    frame: the sharded sample's json and each frame's left edge in the photo."""
+    photo = cv2.cvtColor(cv2.imread(str(shared_data / "messi5.jpg")), cv2.COLOR_BGR2RGB)
+    lefts = np.linspace(0, photo.shape[1] - PAN_WIDTH, PAN_FRAMES).round().astype(int)
+    frames = np.stack([photo[:, left : left + PAN_WIDTH] for left in lefts])
+    video = tmp_path_factory.mktemp("messi") / "messi_pan.mp4"
+    video.write_bytes(encode_mp4(frames, 8.0))
+    meta = _shard_one(video, tmp_path_factory.mktemp("messi_shard"))["meta"]
+    return meta, lefts
+
+
+def test_a_panned_full_body_photo_is_pose_strong(messi_pan):
+    meta, _ = messi_pan
+    quality, thresholds = meta["quality"], ShardConfig().thresholds
+    assert meta["num_frames"] == PAN_FRAMES and meta["keypoints_format"] == "coco17"
+    assert quality["methods"]["pose"] == "mediapipe_holistic_1"
+    assert quality["scores"]["pose_visibility"] >= thresholds.pose_strong_visibility
+    assert quality["scores"]["pose_jitter"] <= thresholds.pose_strong_max_jitter
+    assert quality["pose"] == "strong" and quality["ref"] == "strong"
+    assert quality["audio"] == "none"  # no audio track
+
+
+def test_holistic_finds_the_players_joints_where_the_photo_has_them(messi_pan):
+    meta, lefts = messi_pan
+    keypoints, height = np.asarray(meta["keypoints"]), 342
+    for name, (x, y) in MESSI_JOINTS.items():
+        joint = keypoints[:, J[name]]
+        assert (joint[:, 2] >= 0.5).all(), name
+        errors = np.hypot(joint[:, 0] * PAN_WIDTH + lefts - x, joint[:, 1] * height - y)
+        assert errors.max() <= JOINT_MAX_ERROR and errors.mean() <= JOINT_MEAN_ERROR, (
+            name, errors.round(1),
+        )  # fmt: skip
+    assert all(len(boxes) == 1 for boxes in meta["faces"])
+    box = np.array([boxes[0][:4] for boxes in meta["faces"]])
+    centre_x = (box[:, 0] + box[:, 2] / 2) * PAN_WIDTH + lefts
+    centre_y = (box[:, 1] + box[:, 3] / 2) * height
+    assert np.hypot(centre_x - MESSI_FACE[0], centre_y - MESSI_FACE[1]).max() <= FACE_ERROR
 
 
 def test_silero_finds_speech_where_the_transcript_has_it(shared_data):
