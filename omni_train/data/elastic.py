@@ -6,10 +6,14 @@
 
 The new layout first deals out, round robin, every sample that the saved layout's consumers
 had not yet taken in their current epochs (read from tar headers only), then starts fresh
-epochs; see omni_train.data.plan. Guarantee, tested in tests/omni_train/data: no sample of
-the interrupted epoch is skipped and none is read twice within it (skipped samples: 0;
-the new consumers' shares of the rest differ by at most one sample). Corrupt samples are
-skipped and counted as always; the saved total carries over on rank 0.
+epochs; see omni_train.data.plan. With data.sources or data.buckets this happens per source,
+and the samples an old consumer had taken but not yet handed out (waiting in a bucket) are
+dealt out with the rest; the new ranks continue the saved rank batch count, so the weights of
+the current step (curriculum source_weights) keep applying. Guarantee, tested in
+tests/omni_train/data: no sample of the interrupted epoch is skipped and none is read twice
+within it (skipped samples: 0; the new consumers' shares of the rest differ by at most one
+sample, per source). Corrupt samples are skipped and counted as always; the saved total
+carries over on rank 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from typing import Any
 
 from omni_train.data.config import DataConfig
 from omni_train.data.plan import resolve_split
+from omni_train.data.shards import shard_list
 from omni_train.data.stream import ConsumerPosition, LoaderState
+
+# Fields every rank's saved state must share: they describe the run, not the rank.
+_SHARED = ("seed", "world_size", "num_workers", "num_shards", "val_holdout", "batches")
 
 
 def elastic_loader_state(
@@ -45,7 +53,7 @@ def elastic_loader_state(
             f"{old.world_size} ranks: pass every loader_rank*.json of the checkpoint"
         )
     for s in states:
-        for name in ("seed", "world_size", "num_workers", "num_shards", "val_holdout"):
+        for name in _SHARED:
             if getattr(s, name) != getattr(old, name):
                 raise ValueError(
                     f"loader states disagree on {name} ({getattr(s, name)} vs "
@@ -58,31 +66,89 @@ def elastic_loader_state(
     workers = max(1, cfg.num_workers)
     if world_size == old.world_size and cfg.num_workers == old.num_workers:
         return states[rank].to_dict()
-    if cfg.mixed or any(p.sources or p.pending for s in states for p in s.workers):
-        raise ValueError(
-            f"the loader state is from a run with data.sources or data.buckets, whose position "
-            f"cannot move to another layout yet: resume with {old.world_size} rank(s) and "
-            f"data.num_workers={old.num_workers}"
-        )
-    handover = {
+    positions = [position for s in states for position in s.workers]
+    old_consumers = old.world_size * len(old.workers)
+    handover: dict[str, Any] = {
         "generation": (int(old.handover["generation"]) if old.handover else 0) + 1,
         "world_size": old.world_size,
         "workers": len(old.workers),
-        "shuffle_buffer": saved_shuffle_buffer or cfg.shuffle_buffer,
-        "raw": [position.raw for s in states for position in s.workers],
-        "previous": old.handover,
-        "split": resolve_split(cfg.split, old.num_shards, old.world_size * len(old.workers)),
     }
+    shuffle_buffer = saved_shuffle_buffer or cfg.shuffle_buffer
+    new_positions = [ConsumerPosition() for _ in range(workers)]
+    if _saved_mixed(states, positions, cfg):
+        sources = [shard_list(source.shards) for source in cfg.source_list()]
+        if sum(len(shards) for shards in sources) != old.num_shards:
+            raise ValueError(
+                f"the loader state was saved with {old.num_shards} shards and data.sources "
+                f"now hold {sum(len(shards) for shards in sources)}: resume on the same shards"
+            )
+        previous = old.handover["sources"] if old.handover else [None] * len(sources)
+        handover["sources"] = [
+            {
+                **handover,
+                "shuffle_buffer": shuffle_buffer,
+                "raw": [p.sources[s] if p.sources else 0 for p in positions],
+                "pending": [[i for source, i in p.pending if source == s] for p in positions],
+                "previous": previous[s],
+                "split": resolve_split(cfg.split, len(shards), old_consumers),
+            }
+            for s, shards in enumerate(sources)
+        ]
+        # Worker w hands out rank batches w, w + workers, ...: its first one after the
+        # handover is the first such batch at or after the saved count.
+        for w, position in enumerate(new_positions):
+            position.batches = (old.batches - w + workers - 1) // workers
+    else:
+        handover.update(
+            shuffle_buffer=shuffle_buffer,
+            raw=[position.raw for position in positions],
+            previous=old.handover,
+            split=resolve_split(cfg.split, old.num_shards, old_consumers),
+        )
     new = LoaderState(
         seed=old.seed,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
         num_shards=old.num_shards,
-        workers=[ConsumerPosition() for _ in range(workers)],
+        # The rank batch count goes on: it is the step the trainer is at (times grad_accum).
+        batches=old.batches,
+        workers=new_positions,
         handover=handover,
         corrupt_before=sum(s.corrupt_skipped for s in states) if rank == 0 else 0,
         # Kept as saved: build_loader refuses a run with another data.val_holdout.
         val_holdout=old.val_holdout,
     )
     return new.to_dict()
+
+
+def _saved_mixed(
+    states: Sequence[LoaderState], positions: Sequence[ConsumerPosition], cfg: DataConfig
+) -> bool:
+    """Whether the saved run mixed sources / buckets; refuses a state this config cannot
+    continue (one read without data.sources and data.buckets, another number of sources)."""
+    old = states[0]
+    mixed = bool(old.handover and "sources" in old.handover) or any(
+        p.sources or p.pending or p.picks for p in positions
+    )
+    started = any(p.raw for p in positions) or old.handover is not None
+    if cfg.mixed and started and not mixed:
+        raise ValueError(
+            "the loader state is from a run without data.sources and data.buckets and this run "
+            "has them: resume with the saved run's data settings, or accept a new data order"
+        )
+    if mixed and not cfg.mixed:
+        raise ValueError(
+            "the loader state is from a run with data.sources or data.buckets and this run has "
+            "neither: resume with the saved run's data settings, or accept a new data order"
+        )
+    count = len(cfg.source_list())
+    saved = {len(p.sources) for p in positions if p.sources}
+    if old.handover and "sources" in old.handover:
+        saved.add(len(old.handover["sources"]))
+    if mixed and saved != {count}:
+        raise ValueError(
+            f"the loader state is from a run with {sorted(saved)} data source(s) and this run "
+            f"has {count}: resume with the saved run's data.sources"
+        )
+    return cfg.mixed

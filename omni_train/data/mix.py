@@ -7,6 +7,11 @@ samples taken per source, samples handed out and skipped, and the pending sample
 decoded, waiting in a bucket) as (source, raw index) pairs. Resuming re-decodes the pending
 ones (a few batches at most) and continues, so the stream is exactly that of an
 uninterrupted run.
+
+After a change of world size or worker count, ``handover["sources"]`` holds one handover per
+source (see omni_train.data.elastic): each source's plan first deals out what the old
+consumers had left of that source, pending samples included, so every source's and bucket's
+rest of the interrupted epoch is read once, still drawn by the weights of the current step.
 """
 
 from __future__ import annotations
@@ -97,10 +102,17 @@ class MixedBatches:
         num_consumers: int,
         position: dict[str, Any],
         weights_at: WeightsAt,
+        handover: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.buckets = cfg.bucket_list()
         self.seed, self.consumer = seed, consumer
+        handovers = handover["sources"] if handover else [None] * len(sources)
+        if len(handovers) != len(sources):
+            raise ValueError(
+                f"the loader state's handover covers {len(handovers)} data source(s) and this "
+                f"run has {len(sources)}: resume with the data.sources of the saved run"
+            )
         index = ShardIndex(cfg.val_holdout)  # shared by the sources' plans
         self.plans = [
             ConsumerPlan(
@@ -109,6 +121,7 @@ class MixedBatches:
                 cfg.shuffle_buffer,
                 consumer,
                 num_consumers,
+                handovers[s],
                 index=index,
                 split=resolve_split(cfg.split, len(shards), num_consumers),
             )
@@ -134,10 +147,6 @@ class MixedBatches:
             [self.seed & 0xFFFFFFFF, self.consumer, self.position["picks"], 7]
         ).random()
         return int(np.searchsorted(np.cumsum(weights / weights.sum()), draw, side="right"))
-
-    def _ref_at(self, source: int, raw: int) -> tuple[int, SampleRef]:
-        epoch, ref, _ = next(self.plans[source].refs_from(raw))
-        return epoch, ref
 
     def _decode(self, source: int, epoch: int, ref: SampleRef) -> tuple[int, dict]:
         raw = read_sample(ref, LATENT_MEMBERS if self.cfg.precomputed else MEMBERS)
@@ -166,12 +175,13 @@ class MixedBatches:
 
         filling: dict[int, list[tuple[list[int], dict]]] = {}
         for source, raw_index in self.position["pending"]:
-            epoch, ref = self._ref_at(source, raw_index)
+            [(epoch, ref)] = self.plans[source].refs_at([raw_index])
             bucket, sample = self._decode(source, epoch, ref)
             filling.setdefault(bucket, []).append(([source, raw_index], sample))
         streams = [plan.refs_from(self.position["sources"][s]) for s, plan in enumerate(self.plans)]
-        # More failures in a row than a whole epoch of every source: nothing can decode.
-        epoch_samples, failed_in_a_row = sum(plan.epoch_size for plan in self.plans), 0
+        # More failures in a row than a whole epoch (and tail) of every source: nothing decodes.
+        epoch_samples = sum(plan.epoch_size + len(plan.tail) for plan in self.plans)
+        failed_in_a_row = 0
         while True:
             source = self._pick_source()
             self.position["picks"] += 1

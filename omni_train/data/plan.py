@@ -11,6 +11,9 @@ current epochs, dealt out round robin. Then it starts its own epochs (shuffled d
 from the previous layout's, through a generation number). So across a handover no sample of
 the interrupted epoch is skipped or read twice, and tail shares differ by at most one
 sample between consumers. A handover carries the one before it, so layouts can change again.
+With several sources or buckets (omni_train.data.mix) each source has a plan and a handover
+of its own, and the tail also holds the samples the old consumers had taken but not yet
+handed out (waiting in a bucket), ahead of the rest of their epochs.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class ConsumerPlan:
                 old = self.handover
                 old_consumers = int(old["world_size"]) * int(old["workers"])
                 remaining: list[SampleRef] = []
+                pending = old.get("pending") or [[] for _ in old["raw"]]
                 for j, raw in enumerate(old["raw"]):
                     plan = ConsumerPlan(
                         self.all_shards,
@@ -165,9 +169,27 @@ class ConsumerPlan:
                         self.index,
                         old.get("split", "shard"),
                     )
+                    # Taken but not handed out (waiting in a bucket): not read yet either.
+                    remaining += [ref for _, ref in plan.refs_at(pending[j])]
                     remaining += plan.rest_of_epoch(int(raw))
                 self._tail = remaining[self.consumer :: self.num_consumers]
         return self._tail
+
+    def refs_at(self, positions: Sequence[int]) -> list[tuple[int, SampleRef]]:
+        """(epoch, ref) of the samples at raw ``positions`` (headers only, an epoch replayed
+        once however many of its positions are asked for)."""
+        tail = self.tail
+        epochs: dict[int, list[SampleRef]] = {}
+        found = []
+        for raw in positions:
+            if raw < len(tail):
+                found.append((TAIL_EPOCH, tail[raw]))
+                continue
+            epoch, skip = divmod(raw - len(tail), self.epoch_size)
+            if epoch not in epochs:
+                epochs[epoch] = list(self.epoch_refs(epoch))
+            found.append((epoch, epochs[epoch][skip]))
+        return found
 
     def rest_of_epoch(self, raw: int) -> list[SampleRef]:
         """The samples not yet taken, at position ``raw``, of the epoch (or tail) in progress."""

@@ -321,6 +321,7 @@ class _RankBatches(IterableDataset):
                 self.world_size * workers,
                 asdict(self.positions[worker]),
                 replace(self.schedule, worker=worker, workers=workers),
+                self.handover,
             )
             for batch, position in mixed:
                 batch["_worker"] = worker

@@ -133,16 +133,3 @@ def test_resume_with_sources_and_buckets_is_exact(mix_corpus, num_workers, consu
         r["video"].shape == s["video"].shape
         for r, s in zip(resumed, straight[consumed:], strict=True)
     )
-
-
-def test_change_of_world_size_with_buckets_is_refused_with_the_fix(mix_corpus):
-    from omni_train.data.elastic import elastic_loader_state
-
-    cfg = _cfg(mix_corpus, buckets=BUCKETS, split="sample")
-    states = []
-    for rank in range(2):
-        loader = build_loader(cfg, rank, 2, seed=0)
-        _take(loader, 1)
-        states.append(loader.state_dict())
-    with pytest.raises(ValueError, match="resume with 2 rank"):
-        elastic_loader_state(states, 0, 3, cfg)
