@@ -157,7 +157,6 @@ MIN_FACE_IOU = 0.5
 
 @dataclass(frozen=True)
 class DrawnClip:
-    plan_index: int
     frames: np.ndarray
     audio: np.ndarray
     keypoints: np.ndarray  # (T, 17, 3) as drawn: x, y normalised, 1 inside the frame
@@ -176,7 +175,7 @@ def _draw(plan_index: int, num_frames: int) -> DrawnClip:
     # As render_clip opens the mouth: the voice's envelope, smoothed over three frames.
     envelope = frame_envelope(audio, RATE, FPS, num_frames)
     mouth = np.convolve(envelope, [0.25, 0.5, 0.25], mode="same")
-    return DrawnClip(plan_index, frames, audio, keypoints, heads, mouth)
+    return DrawnClip(frames, audio, keypoints, heads, mouth)
 
 
 @pytest.fixture(scope="module")
