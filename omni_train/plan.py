@@ -24,15 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.models.config import ModelConfig
+from omni_train.trainer.throughput import gpu_peak, peak_for_precision
 
 log = logging.getLogger("omni_train.plan")
 GIB = 2**30
-GPUS: dict[str, dict[str, float]] = {
-    # Dense bf16 tensor TFLOP/s and memory (GiB).
-    "A100-40GB": {"tflops": 312.0, "memory_gb": 40.0},
-    "A100": {"tflops": 312.0, "memory_gb": 80.0},
-    "H100": {"tflops": 989.0, "memory_gb": 80.0},
-    "H200": {"tflops": 989.0, "memory_gb": 141.0},
+# Memory (GiB) of the GPUs the planner knows; their peaks are the table MFU is measured
+# against (omni_train.trainer.throughput.GPU_PEAKS), at the plan's precision.
+GPU_MEMORY_GB: dict[str, float] = {
+    "A100-40GB": 40.0,
+    "A100": 80.0,
+    "H100": 80.0,  # SXM
+    "H100 PCIe": 80.0,
+    "H100 NVL": 94.0,
+    "H200": 141.0,
 }
 
 
@@ -79,11 +83,13 @@ def activation_bytes(model: ModelConfig, tokens: int, micro_batch: int, precisio
 def plan(cfg: PlanConfig) -> dict[str, Any]:
     from omni_train.models.summary import model_summary
 
-    if cfg.gpu not in GPUS:
-        raise ValueError(f"gpu={cfg.gpu!r}: use one of {', '.join(GPUS)}")
+    if cfg.gpu not in GPU_MEMORY_GB:
+        raise ValueError(f"gpu={cfg.gpu!r}: use one of {', '.join(GPU_MEMORY_GB)}")
     if not 0 < cfg.mfu <= 1:
         raise ValueError(f"mfu={cfg.mfu}: use a fraction in (0, 1], e.g. 0.35")
-    gpu = GPUS[cfg.gpu]
+    memory_gb = GPU_MEMORY_GB[cfg.gpu]
+    # fp32 plans assume plain fp32 matmuls, as the trainer runs them (it enables no TF32).
+    peak_tflops = peak_for_precision(gpu_peak(cfg.gpu), cfg.precision, tf32=False)
     summary = model_summary(cfg.model, cfg.resolution, cfg.num_frames)
     trainable, frozen = summary["trainable_params"], summary["frozen_params"]
     tokens = summary["tokens"]["video_tokens"] + summary["tokens"]["text_tokens"]
@@ -98,11 +104,11 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
             "activations": activations / GIB,
             "frozen": frozen_bytes / GIB,
             "total": total / GIB,
-            "fits": total / GIB < 0.9 * gpu["memory_gb"],
+            "fits": total / GIB < 0.9 * memory_gb,
         }
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_gpus
     step_flops = summary["train_flops_per_sample"] * global_batch
-    step_s = step_flops / (cfg.num_gpus * gpu["tflops"] * 1e12 * cfg.mfu)
+    step_s = step_flops / (cfg.num_gpus * peak_tflops * 1e12 * cfg.mfu)
     clips_per_epoch = cfg.corpus_hours * 3600 / (cfg.num_frames / cfg.fps)
     stages = []
     starts = [s.start_step for s in cfg.curriculum.stages] + [cfg.max_steps]

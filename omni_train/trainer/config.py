@@ -131,8 +131,9 @@ class TrainerConfig:
     # DeepSpeed's CPU shared-memory all-reduce needs a ~70 s C++ build on first use; gloo is
     # enough for CPU runs, so it is off unless asked for.
     cpu_shm_comm: bool = False
-    # Peak dense TFLOP/s per device for MFU: 0 = detect (known CUDA GPUs, bf16 tensor cores),
-    # else the value given (e.g. a measured CPU matmul peak).
+    # Peak dense TFLOP/s per device for MFU: 0 = detect (known CUDA GPUs, the peak of the
+    # run's precision: bf16 tensor cores, or fp32 / TF32), else the value given (e.g. a
+    # measured CPU matmul peak).
     peak_tflops: float = 0.0
     # Console progress bar on the main rank (a one-line bar on a terminal, log lines else).
     progress_bar: bool = True

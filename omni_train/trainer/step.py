@@ -47,6 +47,8 @@ class StepResult:
     num_motion_latents: int
     corrupt_skipped: int = 0
     tasks: list[str] = field(default_factory=list)
+    # Per sample: the text positions the model ran (its batch's padded caption length).
+    text_tokens: list[int] = field(default_factory=list)
 
     def detach(self) -> StepResult:
         return StepResult(
@@ -56,6 +58,7 @@ class StepResult:
             num_motion_latents=self.num_motion_latents,
             corrupt_skipped=self.corrupt_skipped,
             tasks=list(self.tasks),
+            text_tokens=list(self.text_tokens),
         )
 
     @staticmethod
@@ -67,6 +70,7 @@ class StepResult:
             num_motion_latents=results[-1].num_motion_latents,
             corrupt_skipped=results[-1].corrupt_skipped,
             tasks=[t for r in results for t in r.tasks],
+            text_tokens=[n for r in results for n in r.text_tokens],
         )
 
     # Layout of the vector summed over ranks: [loss_sum, count, active per condition,
@@ -221,4 +225,5 @@ def compute_loss(
         num_motion_latents=num_motion_latents,
         corrupt_skipped=int(batch.get("corrupt_skipped", 0)),
         tasks=tasks,
+        text_tokens=[inputs.text.shape[1]] * batch_size,
     )

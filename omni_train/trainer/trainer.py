@@ -125,13 +125,10 @@ class Trainer:
         if self.plan is not None and (self.plan.checkpoint / CURRICULUM_FILE).is_file():
             meter_state = json.loads((self.plan.checkpoint / CURRICULUM_FILE).read_text())
         self.curriculum_meter = CurriculumMeter(cfg.curriculum, meter_state)
-        self.flops_per_sample = throughput.FLOPS_PER_SAMPLE(
-            cfg.model, cfg.data.resolution, cfg.data.num_frames
-        )
         self.tokens_per_sample = throughput.tokens_per_sample(
             cfg.model, cfg.data.resolution, cfg.data.num_frames
         )
-        self.peak_tflops = throughput.detect_peak_tflops(tcfg.peak_tflops)
+        self.peak_tflops = throughput.detect_peak_tflops(tcfg.peak_tflops, tcfg.precision)
         self.profiler = StepProfiler(tcfg.profiler, self.run_dir / "profile", self.dist.rank)
         self.validator = None
         if tcfg.validation.every > 0:
@@ -357,12 +354,19 @@ class Trainer:
         val: dict[str, float] | None = None,
     ) -> None:
         stage_index, stage = stage_at(self.cfg.curriculum, self.global_step - 1)
-        totals = result.totals(self.device)
+        data = self.cfg.data
+        # The model FLOPs and text positions that ran on this rank, summed with the totals.
+        work = throughput.flops_of_samples(
+            self.cfg.model, data.resolution, data.num_frames, result.text_tokens
+        )
+        ran = torch.tensor([work, sum(result.text_tokens)], dtype=torch.float64)
+        totals = torch.cat([result.totals(self.device), ran.to(self.device)])
         dist.all_reduce(totals)
+        *summed, step_flops, step_text_tokens = totals.tolist()
         peaks = throughput.peak_memory_gb(self.device)
         peak_values = torch.tensor(list(peaks.values()), device=self.device)
         dist.all_reduce(peak_values, op=dist.ReduceOp.MAX)
-        row = result.row_from_totals(totals.tolist())
+        row = result.row_from_totals(summed)
         counts = torch.tensor(
             self.curriculum_meter.vector(), dtype=torch.float64, device=self.device
         )
@@ -370,6 +374,7 @@ class Trainer:
         row.update(self.curriculum_meter.flush(self.global_step - 1, counts.tolist()))
         grad_norm = self.engine.get_global_grad_norm() if finite else None
         samples_per_s = row["batch_size"] / max(elapsed, 1e-9)
+        flops_per_sample = step_flops / max(row["batch_size"], 1)
         lrs = self.scheduler.get_last_lr()
         row.update(
             step=self.global_step,
@@ -379,7 +384,8 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=samples_per_s,
             tokens_per_s=samples_per_s * self.tokens_per_sample,
-            tflops_per_s=samples_per_s * self.flops_per_sample / 1e12,
+            text_tokens=step_text_tokens / max(row["batch_size"], 1),
+            tflops_per_s=samples_per_s * flops_per_sample / 1e12,
             step_time_s=elapsed,
             data_wait_s=data_wait,
             data_wait_frac=data_wait / max(elapsed, 1e-9),
@@ -391,8 +397,9 @@ class Trainer:
             row["lr_new_modules"] = lrs[1]
         row.update(dict(zip(peaks, peak_values.tolist(), strict=True)))
         if self.peak_tflops:
+            row["peak_tflops"] = self.peak_tflops
             row["mfu"] = throughput.mfu(
-                self.flops_per_sample, samples_per_s, self.dist.world_size, self.peak_tflops
+                flops_per_sample, samples_per_s, self.dist.world_size, self.peak_tflops
             )
         if val:
             row.update(val)

@@ -33,7 +33,7 @@ def test_progress_line_and_mfu_figures():
     line = progress_line(row, 10, 75.0, width=10)
     assert line.startswith("[#####-----] 5/10") and "mfu 41.0%" in line and "eta 1:15" in line
     assert format_duration(3725) == "1:02:05"
-    assert detect_peak_tflops(2.5) == 2.5
+    assert detect_peak_tflops(2.5, "bf16") == 2.5
     assert mfu(1e12, 2.0, 4, 1.0) == pytest.approx(0.5)
 
 

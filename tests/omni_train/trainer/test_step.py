@@ -66,6 +66,16 @@ def test_loss_is_seeded_and_trains_every_module(parts):
     denoiser.zero_grad(set_to_none=True)
 
 
+def test_the_result_holds_the_padded_text_length_that_ran(parts):
+    # "a person talks" is 14 bytes + the end token under the byte-level tokenizer; the batch
+    # pads to it, not to text_encoder.max_length (64).
+    masks = _masks([True, False], [True, True], [True, True], [True, True])
+    result = _loss(parts, masks)
+    assert result.text_tokens == [15, 15]
+    merged = StepResult.merge([result.detach(), result.detach()])
+    assert merged.text_tokens == [15] * 4
+
+
 def test_audio_is_off_for_a_clip_without_a_track(parts):
     result = _loss(parts, _masks([True, True], [True, True], [True, True], [True, True]))
     assert result.active["audio"].tolist() == [True, False]

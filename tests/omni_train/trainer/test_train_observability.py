@@ -8,8 +8,10 @@ import math
 import av
 import pytest
 
-from data_pipelines.testing import build_sample_shards
-from omni_train.testing import metric_rows, run_ranks, train_in_rank
+from data_pipelines.testing import build_sample_shards, shard_members
+from omni_train.models.flops import train_flops_per_sample
+from omni_train.models.text_encoder import TextEncoder
+from omni_train.testing import compose_train_config, metric_rows, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +27,8 @@ def test_metrics_validation_clips_and_profiler_trace(tmp_path):
         "trainer.save_every=4",
         "trainer.zero_stage=2",
         "trainer.peak_tflops=0.05",
+        # Longer than every caption: batches pad to their longest caption, not to this.
+        "model.text_encoder.max_length=256",
         "trainer.optimizer.warmup_steps=1",
         "trainer.optimizer.schedule=cosine",
         "trainer.optimizer.min_lr_ratio=0.1",
@@ -44,6 +48,21 @@ def test_metrics_validation_clips_and_profiler_trace(tmp_path):
         assert row["tokens_per_s"] > row["samples_per_s"]
         assert row["lr_new_modules"] == pytest.approx(2 * row["lr"])
         assert any(k.startswith("loss_task_") for k in row)
+    cfg, _ = compose_train_config(overrides)
+    tokenizer = TextEncoder(cfg.model.text_encoder).tokenize
+    captions = [json.loads(m["json"])["caption"] for m in shard_members(data).values()]
+    caption_lengths = {int(tokenizer([c])[1].sum()) for c in captions}
+    assert max(caption_lengths) < cfg.model.text_encoder.max_length
+    for row in rows:
+        # One rank, one micro-batch: MFU is the formula at the step's own figures.
+        assert row["text_tokens"] in caption_lengths  # the batch's longest caption
+        flops = train_flops_per_sample(
+            cfg.model, cfg.data.resolution, cfg.data.num_frames, int(row["text_tokens"])
+        )
+        assert row["peak_tflops"] == 0.05
+        expected = flops * row["samples_per_s"] / (1 * row["peak_tflops"] * 1e12)
+        assert row["mfu"] == pytest.approx(expected, rel=1e-12)
+        assert row["tflops_per_s"] == pytest.approx(flops * row["samples_per_s"] / 1e12)
     lrs = [r["lr"] for r in rows]
     assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)
     assert lrs[-1] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 3)))
