@@ -9,6 +9,8 @@ have used, a resumed job writes the same shards, byte for byte, and never double
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import multiprocessing
@@ -330,6 +332,27 @@ def _one_thread() -> None:
     """Worker start-up: one thread per math library, since the workers are the parallelism."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = "1"
+    bound_heap()
+
+
+CLIP_ARRAY_BYTES = 8 << 20  # a clip's frames, planes, grey: allocated and freed per clip
+
+
+def bound_heap() -> bool:
+    """Keep arrays of CLIP_ARRAY_BYTES or more out of the C heap (glibc; a no-op elsewhere).
+
+    glibc raises its mmap threshold to the size of each large block freed, so after the first
+    clip every clip's tens of MB come from the heap, which fragments: peak RSS then climbed
+    ~15 % over the first minutes of a long source before levelling off. A fixed threshold
+    returns each clip's arrays to the system when the clip is done (measured: ~4 % more CPU
+    for page faults, peak RSS flat from the first clip)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, CLIP_ARRAY_BYTES))
 
 
 def run_shard(cfg: ShardConfig) -> dict:
@@ -364,6 +387,8 @@ def run_shard(cfg: ShardConfig) -> dict:
     packer = ShardPacker(output_dir, input_dir, cfg, settings, records)
     live = LiveStatus(output_dir, total=len(sources), done=len(sources) - todo)
     pool = WorkerPool(cfg.workers) if cfg.workers > 1 and todo > 1 else None
+    if pool is None:
+        bound_heap()  # the workers do it at start-up
     clips, started = 0, time.perf_counter()
     try:
         if todo:
