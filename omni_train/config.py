@@ -49,6 +49,9 @@ class SampleConfig:
     # Sample with the EMA weights (ema.safetensors) of a run trained with trainer.ema.enabled.
     use_ema: bool = False
     seed: int = 0
+    # Let the checkpoint's config.yaml name code outside omni_train / data_pipelines as a
+    # _target_ (imported and called to build the model): only for run dirs you trust.
+    trust_checkpoint_code: bool = False
 
 
 def register_configs() -> None:

@@ -1,13 +1,16 @@
 """Evaluation entry point: self-reenactment of held-out clips, with two baselines.
 
     python -m omni_train.evaluate checkpoint=RUN_DIR_OR_STEP_DIR shards=GLOB [out=DIR] \
-        [num_clips=N] [task=text|audio|pose] [seconds=S] [metrics.enabled=[fidelity,...]]
+        [num_clips=N] [task=text|audio|pose] [seconds=S] [metrics.enabled=[fidelity,...]] \
+        [trust_checkpoint_code=true]
 
 Writes OUT/eval.json (metric means with 95 % intervals, per-clip rows, how each metric was
 measured, for the generated clips and the `real` and `static_reference` baselines),
 OUT/timings.json, OUT/grid/*.mp4 (real | static reference | generated, with the audio) and
 an offline W&B run in OUT/wandb. OUT defaults to RUN_DIR/eval, where `omni_train.report`
-reads it. Bad input exits with status 2 and a message naming the key.
+reads it. Bad input exits with status 2 and a message naming the key. As in
+omni_train.sample, a checkpoint's config.yaml may name only this project's code as a
+``_target_`` unless trust_checkpoint_code=true.
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ class EvaluateConfig:
     seed: int = 0
     # Generate with the EMA weights (ema.safetensors).
     use_ema: bool = False
+    # Let the checkpoint's config.yaml name code outside omni_train / data_pipelines as a
+    # _target_ (imported and called to build the model): only for run dirs you trust.
+    trust_checkpoint_code: bool = False
     # Where the model runs: "" = cuda when available, else cpu; or e.g. "cpu", "cuda:1".
     device: str = ""
     # Write the side-by-side mp4 of every clip (real | static reference | generated).

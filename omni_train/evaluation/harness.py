@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from omni_train.config import TrainConfig
 from omni_train.diffusion.sampler import TASK_CONDITIONS, generate_long_video, segment_starts
@@ -73,15 +72,12 @@ class Timings:
 
 def resolve_target(cfg: EvaluateConfig) -> Target:
     """Validate the config, find the checkpoint and read its run config (no weights)."""
-    from omni_train.sample import resolve_checkpoint
+    from omni_train.sample import read_run_config, resolve_checkpoint
     from omni_train.trainer.checkpoint import COMPLETE_MARKER
 
     cfg.validate()
     folder = resolve_checkpoint(cfg.checkpoint)
-    saved = OmegaConf.load(folder / "config.yaml")
-    run_cfg: TrainConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-    )
+    run_cfg = read_run_config(folder, cfg.trust_checkpoint_code)
     step = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8")).get("step")
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
     data = run_cfg.data
@@ -189,7 +185,12 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     load_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(target.checkpoint, device=device, use_ema=cfg.use_ema)
+    run = load_run(
+        target.checkpoint,
+        device=device,
+        use_ema=cfg.use_ema,
+        trust_checkpoint_code=cfg.trust_checkpoint_code,
+    )
     timings.model_load_s = time.perf_counter() - load_start
     diffusion = run.cfg.diffusion
     if cfg.sampling_steps > 0:

@@ -4,6 +4,15 @@ Every rank writes into a hidden staging folder; once all ranks are done, rank 0 
 completion marker and renames the folder to its final name in one atomic step. A crash or
 kill at any point before the rename leaves only a staging folder, which is never picked up
 and is cleared on the next start; the previous complete checkpoint stays the newest.
+
+Trust: a run directory is trusted input; resume only from run dirs you (or your team)
+wrote. Its own files are JSON and safetensors, but DeepSpeed's engine and optimizer state are
+torch pickles (``*.pt``) that DeepSpeed loads with ``weights_only=False``. Resume and the
+universal conversion load them inside ``weights_only_loads()``, which forces torch's
+weights-only unpickler: tensors, containers and the three plain DeepSpeed record classes of
+``deepspeed_pickled_classes()``, so a ``.pt`` file naming any other global fails to load with
+an error naming it instead of running it. The ``_target_`` of a run's config.yaml is checked
+before sampling it (omni_train/sample.py, ``trust_checkpoint_code``).
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +33,8 @@ COMPLETE_MARKER = "complete.json"
 PINNED = "pinned"
 _FINAL = re.compile(r"^step_(\d{8,})$")
 _STAGING_PREFIX = ".staging_"
+# torch.load uses the weights-only unpickler whenever this is set, whatever the caller passes.
+FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def checkpoint_name(step: int) -> str:
@@ -105,3 +118,33 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def deepspeed_pickled_classes() -> list[type]:
+    """The DeepSpeed classes pickled in its ZeRO 1-3 optimizer state (fp32 and bf16): an int
+    enum, a dataclass of two ints and the static loss scaler's two attributes. Rebuilding them
+    runs no code beyond setting fields."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside unpickles tensors, containers and deepspeed_pickled_classes()
+    only, even where DeepSpeed passes weights_only=False: any other global in a ``.pt`` file
+    raises pickle.UnpicklingError naming it, and is never imported or called."""
+    import torch
+
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY_ENV)
+    os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_pickled_classes()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY_ENV, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY_ENV] = previous

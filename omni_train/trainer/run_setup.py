@@ -173,12 +173,20 @@ def load_resumed(
             convert_to_universal(plan.checkpoint, run_dir)
         dist.barrier()
         load_dir = universal_root(run_dir)
-    engine.load_checkpoint(
-        str(load_dir),
-        tag=plan.checkpoint.name,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    with ckpt.weights_only_loads():
+        loaded, _ = engine.load_checkpoint(
+            str(load_dir),
+            tag=plan.checkpoint.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    if loaded is None:  # DeepSpeed found nothing to load: training on would start from scratch
+        raise RuntimeError(
+            f"DeepSpeed loaded nothing from {load_dir / plan.checkpoint.name} (resuming "
+            f"{plan.checkpoint}): its model/optimizer files are missing or unreadable. Restore "
+            f"them, or move {plan.checkpoint} out of {ckpt_root} to resume from an older "
+            "checkpoint"
+        )
     log.info("resumed from %s (step %d)", plan.checkpoint, plan.step)
 
 

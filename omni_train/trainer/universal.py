@@ -5,6 +5,9 @@ plain loading refuses another size. ``ds_to_universal`` rewrites it as one file 
 parameter (weights and optimizer moments), which any world size and ZeRO stage can load.
 The conversion runs once, on the main rank, into ``run_dir/universal/step_N`` (written to a
 staging name and renamed, so a kill during conversion leaves nothing that looks finished).
+It runs ds_to_universal in a subprocess through this module's ``__main__``, whose torch.loads
+are weights-only (omni_train.trainer.checkpoint.weights_only_loads): DeepSpeed's loaders would
+unpickle anything in the checkpoint's ``.pt`` files.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def convert_to_universal(checkpoint: Path, run_dir: Path, timeout_s: float = 360
     cmd = [
         sys.executable,
         "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+        "omni_train.trainer.universal",
         "--input_folder",
         str(checkpoint),
         "--output_folder",
@@ -82,3 +85,18 @@ def convert_to_universal(checkpoint: Path, run_dir: Path, timeout_s: float = 360
 def clear_universal(run_dir: Path) -> None:
     """Drop converted copies: once the resized run has saved, its own checkpoints rule."""
     shutil.rmtree(universal_root(run_dir), ignore_errors=True)
+
+
+def convert_weights_only(argv: list[str]) -> None:
+    """ds_to_universal's command line (``argv``), every torch.load in it weights-only."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from omni_train.trainer.checkpoint import weights_only_loads
+
+    sys.argv = ["ds_to_universal", *argv]
+    with weights_only_loads():
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+if __name__ == "__main__":
+    convert_weights_only(sys.argv[1:])
