@@ -1,13 +1,20 @@
-"""Loader throughput on the sample corpus's shards, against a plain webdataset + PyAV read.
+"""Loader throughput on the sample corpus's shards, against the same work done plainly.
 
 Figures (one in-process consumer, i.e. one DataLoader worker's share of the work):
-  loader      samples/s of build_loader (decode window frames + reference + 16 kHz audio,
-              resize/crop, keypoints), the smoke experiment's data settings
-  plain       samples/s of webdataset.WebDataset iterating the same shards and decoding
-              every video frame to RGB and the audio track at 16 kHz with PyAV (the floor)
+  loader      samples/s of build_loader (per sample: read json + mp4 from the tar, pick a
+              window and a reference frame, decode the video up to the last frame needed,
+              resize/crop those frames, decode + resample the audio track to 16 kHz and cut
+              the window's audio, map the keypoints; then collate), the smoke experiment's
+              data settings
+  same work   samples/s of that per-sample work written as one straight loop over the tars
+              (tarfile, json, PyAV, numpy, the same torch resize; no workers, no prefetch,
+              no shuffle buffer, no resumable position; on the sample corpus its tensors
+              equal decode_sample's bit for bit given the same random draws): the floor the
+              loader is compared to
   latents     samples/s in precomputed-latent mode (shards of the same samples holding VAE
               latents of the smoke window instead of mp4: nothing is decoded)
   resume      seconds to resume deep into a stream (tar headers only, nothing decoded)
+Loader and floor alternate for ROUNDS rounds and the median rate of each is reported.
 Run: .venv/bin/python benchmarks/bench_loader.py [SHARD_GLOB]
 """
 
@@ -16,11 +23,15 @@ from __future__ import annotations
 import glob
 import io
 import itertools
+import json
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -30,6 +41,7 @@ from omni_train.data import DataConfig, build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 60
+ROUNDS = 3
 
 
 def corpus_shards() -> str:
@@ -58,31 +70,86 @@ def loader_rate(cfg: DataConfig, samples: int) -> float:
     return samples / (time.perf_counter() - started)
 
 
-def plain_rate(pattern: str, samples: int) -> float:
-    import webdataset as wds
+def raw_samples(pattern: str) -> Iterator[tuple[bytes, dict]]:
+    """(mp4 bytes, parsed json) of every sample of the shards, in order, forever."""
+    for _ in itertools.count():
+        for path in sorted(glob.glob(pattern)):
+            members: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(path) as tar:
+                for info in tar:
+                    key, _, ext = info.name.partition(".")
+                    if ext in ("mp4", "json"):
+                        members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+            for sample in members.values():
+                yield sample["mp4"], json.loads(sample["json"])
 
-    urls = sorted(glob.glob(pattern))
-    stream = itertools.cycle([0])  # repeat the shards until enough samples were read
 
-    def read_all():
-        for _ in stream:
-            yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+def same_work_sample(mp4: bytes, meta: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """The loader's per-sample work (omni_train.data.decode) written out plainly."""
+    import torch
+    import torch.nn.functional as F
 
-    started, count = time.perf_counter(), 0
-    for sample in read_all():
-        with av.open(io.BytesIO(sample["mp4"])) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        with av.open(io.BytesIO(sample["mp4"])) as container:
-            if container.streams.audio:
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
-                audio = [
-                    r.to_ndarray() for f in container.decode(audio=0) for r in resampler.resample(f)
-                ]
-                np.concatenate(audio, axis=-1) if audio else None
-        assert frames
-        count += 1
-        if count == samples:
-            break
+    clip_frames, clip_fps = int(meta["num_frames"]), float(meta["fps"])
+    offsets = [round(j * clip_fps / cfg.fps) for j in range(cfg.num_frames)]
+    start = int(rng.integers(0, clip_frames - offsets[-1]))
+    window = [start + offset for offset in offsets]
+    outside = [i for i in range(clip_frames) if i < window[0] or i > window[-1]]
+    ref = int(outside[rng.integers(0, len(outside))]) if outside else window[0]
+    wanted, frames = {*window, ref}, {}
+    with av.open(io.BytesIO(mp4)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                frames[index] = frame.to_ndarray(format="rgb24")
+            if index >= max(wanted):
+                break
+    pixels = torch.from_numpy(np.stack([frames[i] for i in [*window, ref]]))
+    pixels = pixels.permute(0, 3, 1, 2).float()
+    (height, width), (out_h, out_w) = pixels.shape[-2:], cfg.resolution
+    scale = max(out_h / height, out_w / width)
+    size = (max(out_h, round(height * scale)), max(out_w, round(width * scale)))
+    pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True)
+    top, left = (size[0] - out_h) // 2, (size[1] - out_w) // 2
+    pixels = pixels[..., top : top + out_h, left : left + out_w]
+    pixels = (pixels / 127.5 - 1.0).clamp(-1.0, 1.0)
+    audio = np.zeros(cfg.audio_samples, np.float32)
+    with av.open(io.BytesIO(mp4)) as container:
+        if container.streams.audio:
+            rate = cfg.audio_sample_rate
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            chunks = [
+                out.to_ndarray().reshape(-1)
+                for frame in [*container.decode(audio=0), None]
+                for out in resampler.resample(frame)
+            ]
+            begin = round(start / clip_fps * rate)
+            piece = np.concatenate(chunks)[begin : begin + cfg.audio_samples]
+            audio[: len(piece)] = piece
+    keypoints = np.zeros((cfg.num_frames, 17, 3), np.float32)
+    if meta.get("keypoints") is not None:
+        keypoints = np.asarray(meta["keypoints"], np.float32)[window]
+        keypoints[..., 0] = (keypoints[..., 0] * size[1] - left) / out_w
+        keypoints[..., 1] = (keypoints[..., 1] * size[0] - top) / out_h
+        x, y, visible = keypoints[..., 0], keypoints[..., 1], keypoints[..., 2] > 0
+        kept = visible & (x >= 0) & (x <= 1) & (y >= 0) & (y <= 1)
+        keypoints = np.where(kept[..., None], keypoints, 0.0).astype(np.float32)
+    return {
+        "video": pixels[:-1].permute(1, 0, 2, 3),
+        "ref": pixels[-1],
+        "audio": torch.from_numpy(audio),
+        "keypoints": torch.from_numpy(keypoints),
+    }
+
+
+def same_work_rate(pattern: str, cfg: DataConfig, samples: int) -> float:
+    import torch
+
+    rng = np.random.default_rng(0)
+    started, batch = time.perf_counter(), []
+    for mp4, meta in itertools.islice(raw_samples(pattern), samples):
+        batch.append(same_work_sample(mp4, meta, cfg, rng))
+        if len(batch) == cfg.batch_size:
+            {name: torch.stack([sample[name] for sample in batch]) for name in batch[0]}
+            batch = []
     return samples / (time.perf_counter() - started)
 
 
@@ -134,21 +201,26 @@ def main() -> None:
     pattern = corpus_shards()
     cfg = DataConfig(shards=pattern, resolution=[64, 64], num_frames=17, fps=8.0, batch_size=2)
     print(f"shards: {pattern}")
-    plain_rate(pattern, 4)  # warm up PyAV
-    ours = loader_rate(cfg, SAMPLES)
-    plain = plain_rate(pattern, SAMPLES)
-    print(f"loader (1 worker)          {ours:8.1f} samples/s")
-    print(f"plain webdataset + PyAV    {plain:8.1f} samples/s")
-    print(f"ratio loader / plain       {ours / plain:8.2f}")
+    same_work_rate(pattern, cfg, 4)  # warm up PyAV and torch
+    rates: dict[str, list[float]] = {"loader": [], "same": []}
+    for _ in range(ROUNDS):
+        rates["loader"].append(loader_rate(cfg, SAMPLES))
+        rates["same"].append(same_work_rate(pattern, cfg, SAMPLES))
+    ours, same = statistics.median(rates["loader"]), statistics.median(rates["same"])
+    print(f"loader (1 worker)              {ours:8.1f} samples/s")
+    print(f"same work, plain loop (floor)  {same:8.1f} samples/s")
+    print(f"ratio loader / floor           {ours / same:8.2f}")
     latents_cfg = DataConfig(
         shards=latent_shards(pattern), num_frames=17, fps=8.0, batch_size=2, precomputed=True
     )
     latents = loader_rate(latents_cfg, SAMPLES * 10)
-    print(f"precomputed latents        {latents:8.1f} samples/s")
-    print(f"ratio latents / plain      {latents / plain:8.2f}")
+    print(f"precomputed latents            {latents:8.1f} samples/s")
+    print(f"ratio latents / floor          {latents / same:8.2f}")
     deep = resume_seconds(cfg, 100_000)
-    print(f"resume at sample 100000    {deep:8.3f} s (headers only; includes one decoded batch)")
-    print(f"ratio resume / batch time  {deep / (cfg.batch_size / ours):8.2f}")
+    print(
+        f"resume at sample 100000        {deep:8.3f} s (headers only; includes one decoded batch)"
+    )
+    print(f"ratio resume / batch time      {deep / (cfg.batch_size / ours):8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Denoiser speed and memory on this machine: the `small` preset's forward + backward.
 
 Prints the achieved FLOP/s of a training step (model FLOPs from
-omni_train.models.flops.train_flops_per_sample) as a ratio of the fp32 matmul FLOP/s measured
-in the same run, and the memory of a step, with and without per-block activation
-checkpointing: the peak of live tensor memory over forward + backward (gradients included)
-and what the forward pass leaves saved for backward; and the VAE's peak memory for a short and
-a long clip, whole versus in temporal chunks (chunked, it does not grow with the length).
+omni_train.models.flops.train_flops_per_sample) as a fraction of this CPU's measured fp32
+matmul peak (the best FLOP/s of a 1024^3 matmul in the same run: an upper bound a step cannot
+reach, not a same-work baseline), and the memory of a step, with and without per-block
+activation checkpointing: the peak of live tensor memory over forward + backward (gradients
+included) and what the forward pass leaves saved for backward; and the VAE's peak memory for
+a short and a long clip, whole versus in temporal chunks (chunked, it does not grow with the
+length).
 Memory comes from the profiler's allocation events, so it is exact and does not depend on the
-machine's load; times swing between runs on a shared machine, so compare the ratios.
+machine's load; times swing between runs on a shared machine, so compare the fractions.
 
     .venv/bin/python benchmarks/bench_model.py
 """
@@ -43,8 +45,8 @@ VAE_BATCH = 2
 MIB = 2**20
 
 
-def matmul_flops_per_s(size: int = MATMUL_SIZE, repeats: int = 10) -> float:
-    """Best of ``repeats`` fp32 (size x size) @ (size x size) products: the machine's floor."""
+def matmul_peak_flops_per_s(size: int = MATMUL_SIZE, repeats: int = 10) -> float:
+    """Best of ``repeats`` fp32 (size x size) @ (size x size) products: this CPU's peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -131,12 +133,12 @@ def vae_peaks(chunk_frames: int, frames: int) -> tuple[int, int]:
 def main() -> None:
     flops = train_flops_per_sample(model_preset("small"), RESOLUTION, NUM_FRAMES, TEXT_TOKENS)
     flops *= BATCH
-    floor = matmul_flops_per_s()
+    matmul_peak = matmul_peak_flops_per_s()
     print(
         f"model=small, batch {BATCH}, {RESOLUTION[0]}x{RESOLUTION[1]}, {NUM_FRAMES} frames, "
         f"{TEXT_TOKENS} text tokens, fp32, {torch.get_num_threads()} threads"
     )
-    print(f"fp32 matmul floor ({MATMUL_SIZE}^3): {floor / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul peak ({MATMUL_SIZE}^3, best of 10): {matmul_peak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP")
     weights = sum(
         p.numel() * p.element_size() for p in build_denoiser(model_preset("small")).parameters()
@@ -144,13 +146,13 @@ def main() -> None:
     print(f"weights {weights / MIB:.0f} MiB (the step's gradients are as large, inside its peak)")
     for checkpointing in (False, True):
         seconds, peak, saved = measure(checkpointing)
-        floor = max(floor, matmul_flops_per_s())
+        matmul_peak = max(matmul_peak, matmul_peak_flops_per_s())
         achieved = flops / seconds
         label = "per-block checkpointing" if checkpointing else "no checkpointing"
         print(
             f"{label:>24}: step {seconds:.2f} s, {achieved / 1e9:.1f} GFLOP/s = "
-            f"{achieved / floor:.3f} x matmul floor; peak memory per step {peak / MIB:.0f} MiB, "
-            f"saved for backward {saved / MIB:.1f} MiB"
+            f"{achieved / matmul_peak:.3f} of the matmul peak; "
+            f"peak memory per step {peak / MIB:.0f} MiB, saved for backward {saved / MIB:.1f} MiB"
         )
     print(
         f"VAE (small preset), batch {VAE_BATCH} at {VAE_RESOLUTION[0]}x{VAE_RESOLUTION[1]}, "
@@ -162,7 +164,10 @@ def main() -> None:
             f"  {frames:>3} frames: whole {whole[0] / MIB:.0f} / {whole[1] / MIB:.0f} MiB, "
             f"chunked {chunked[0] / MIB:.0f} / {chunked[1] / MIB:.0f} MiB"
         )
-    print(f"(ratios use the best matmul floor seen in this run: {floor / 1e9:.1f} GFLOP/s)")
+    print(
+        "(fractions of this CPU's measured fp32 matmul peak, the best seen in this run: "
+        f"{matmul_peak / 1e9:.1f} GFLOP/s)"
+    )
 
 
 if __name__ == "__main__":
