@@ -152,6 +152,12 @@ class TrainerConfig:
     # step, stage and the val/ keys only; no training loss).
     val_at_start: bool = False
     val_loss: ValLossConfig = field(default_factory=ValLossConfig)
+    # A resume on another world size continues the interrupted epoch's data order (no sample
+    # skipped or read twice). When the saved loader position cannot be carried over (e.g.
+    # data.sources changed), the run stops before training; true starts a new, reproducible
+    # data order instead (samples of the interrupted epoch may then be skipped or repeated).
+    # The VAE trainer always starts a new order on another world size.
+    allow_new_data_order: bool = False
 
 
 @dataclass

@@ -18,6 +18,7 @@ from omni_train.curriculum import (
     motion_latents_for_step,
     stage_at,
 )
+from omni_train.data.elastic import elastic_loader_state
 from omni_train.data.stream import build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
@@ -60,6 +61,10 @@ START_REASON = "start"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN/Inf loss; the last good state was saved."""
+
+
+class DataOrderError(RuntimeError):
+    """A resume on another world size cannot continue the saved data order."""
 
 
 def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> list[dict]:
@@ -182,15 +187,26 @@ class Trainer:
         return restore_rank_state(plan, self.dist.rank)
 
     def _resized_loader_state(self, plan: ResumePlan) -> dict | None:
-        """Deal the interrupted epoch's remaining samples out to the new ranks; when the
-        saved states cannot be re-dealt, start a fresh, reproducible order instead."""
+        """Deal the interrupted epoch's remaining samples out to the new ranks. Saved states
+        that cannot be re-dealt stop the run (samples would be skipped or repeated) unless
+        trainer.allow_new_data_order accepts a fresh, reproducible order."""
         saved = [read_json(p) for p in sorted(plan.checkpoint.glob("loader_rank*.json"))]
         try:
-            from omni_train.data.elastic import elastic_loader_state
-
             return elastic_loader_state(saved, self.dist.rank, self.dist.world_size, self.cfg.data)
-        except (ImportError, ValueError) as err:
-            log.warning("loader position not carried over (%s): a new data order starts", err)
+        except ValueError as err:
+            if not self.cfg.trainer.allow_new_data_order:
+                raise DataOrderError(
+                    f"the data position of {plan.checkpoint} (saved by {plan.saved_world_size} "
+                    f"rank(s)) cannot be carried over to {self.dist.world_size} rank(s): {err}. "
+                    "Starting a new data order would skip or repeat samples of the interrupted "
+                    "epoch. Resume with the saved world size and data settings, or set "
+                    "trainer.allow_new_data_order=true to accept a new (reproducible) order"
+                ) from err
+            log.warning(
+                "loader position not carried over (%s): a new data order starts "
+                "(trainer.allow_new_data_order=true)",
+                err,
+            )
             self.data_seed = resized_data_seed(plan.data_seed, plan.step)
             return None
 
