@@ -75,7 +75,7 @@ def elastic_loader_state(
     }
     shuffle_buffer = saved_shuffle_buffer or cfg.shuffle_buffer
     new_positions = [ConsumerPosition() for _ in range(workers)]
-    if _saved_mixed(states, positions, cfg):
+    if _continues_a_mix(states, positions, cfg):
         sources = [shard_list(source.shards) for source in cfg.source_list()]
         if sum(len(shards) for shards in sources) != old.num_shards:
             raise ValueError(
@@ -122,11 +122,12 @@ def elastic_loader_state(
     return new.to_dict()
 
 
-def _saved_mixed(
+def _continues_a_mix(
     states: Sequence[LoaderState], positions: Sequence[ConsumerPosition], cfg: DataConfig
 ) -> bool:
-    """Whether the saved run mixed sources / buckets; refuses a state this config cannot
-    continue (one read without data.sources and data.buckets, another number of sources)."""
+    """Whether the new layout continues a mix of sources / buckets (cfg.mixed); refuses a
+    saved state this config cannot continue: one read without data.sources and data.buckets
+    (or with them, for a config without), or with another number of sources."""
     old = states[0]
     mixed = bool(old.handover and "sources" in old.handover) or any(
         p.sources or p.pending or p.picks for p in positions
