@@ -53,8 +53,8 @@ def make_checkpoint(root: Path) -> tuple[Path, str]:
 @torch.no_grad()
 def forward_floor(checkpoint: Path, frames_generated: list[int]) -> float:
     """Seconds of the denoiser's forward calls alone for the given generation lengths."""
+    from omni_train.contracts import latent_frames
     from omni_train.diffusion.sampler import segment_starts
-    from omni_train.models.conditioning import latent_frames_for
     from omni_train.sample import load_run
 
     run = load_run(checkpoint)
@@ -63,7 +63,7 @@ def forward_floor(checkpoint: Path, frames_generated: list[int]) -> float:
         diffusion.cfg_audio == diffusion.cfg_audio_end == 1.0
     )
     batch = 3 if guided else 1
-    latents = latent_frames_for(data.num_frames)
+    latents = latent_frames(data.num_frames)
     h, w = (size // 8 for size in data.resolution)
     channels = run.cfg.model.vae.latent_channels
     x = torch.randn(batch, channels, latents, h, w)

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from omni_train.curriculum import CONDITIONS
+from omni_train.contracts import CONDITIONS
 from omni_train.trainer.checkpoint import complete_checkpoints
 
 EVAL_JSON = Path("eval") / "eval.json"

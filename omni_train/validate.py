@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omni_train.config import TrainConfig
+from omni_train.contracts import SPATIAL_STRIDE, is_causal_frame_count
 from omni_train.curriculum import validate_curriculum
 from omni_train.data.stream import shard_list
 from omni_train.trainer.config import VAL_TASKS
@@ -23,16 +24,16 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     frames = cfg.data.num_frames
-    if frames < 1 or (frames - 1) % 4:
+    if not is_causal_frame_count(frames):
         raise ConfigError(
             f"data.num_frames={frames}: the causal VAE needs 1 + 4k frames (e.g. 17 or 33)"
         )
     patch = cfg.model.dit.patch_size
     for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
-        if size % (8 * patch):
+        if size % (SPATIAL_STRIDE * patch):
             raise ConfigError(
-                f"data.resolution {axis}={size} must be a multiple of {8 * patch} "
-                f"(VAE stride 8 x model.dit.patch_size {patch})"
+                f"data.resolution {axis}={size} must be a multiple of {SPATIAL_STRIDE * patch} "
+                f"(VAE stride {SPATIAL_STRIDE} x model.dit.patch_size {patch})"
             )
     if cfg.trainer.save_every <= 0 or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps and trainer.save_every must be positive")

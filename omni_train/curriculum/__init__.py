@@ -1,8 +1,7 @@
 """Omni-conditions curriculum: step -> stage -> per-sample condition masks (pure, no torch)."""
 
+from omni_train.contracts import CONDITIONS, TIERS
 from omni_train.curriculum.config import (
-    CONDITIONS,
-    TIERS,
     CfgDropoutConfig,
     CurriculumConfig,
     StageConfig,

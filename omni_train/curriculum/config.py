@@ -16,11 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Weakest to strongest (paper §3.3).
-CONDITIONS: tuple[str, ...] = ("text", "ref", "audio", "pose")
-TIERS: tuple[str, ...] = ("strong", "weak", "none")
-# Tiers that can ever train a condition; "none" never does.
-TRAINABLE_TIERS: tuple[str, ...] = ("strong", "weak")
+from omni_train.contracts import CONDITIONS
 
 
 def _no_ramps() -> dict[str, int]:

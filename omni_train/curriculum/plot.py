@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omni_train.curriculum.config import CONDITIONS, TRAINABLE_TIERS, CurriculumConfig
+from omni_train.contracts import CONDITIONS, TRAINABLE_TIERS
+from omni_train.curriculum.config import CurriculumConfig
 from omni_train.curriculum.schedule import effective_ratio, validate_curriculum
 
 _STYLE = {"strong": "-", "weak": "--"}

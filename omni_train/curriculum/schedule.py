@@ -6,17 +6,12 @@ the same seed gives the same assignments on any world size and after any restart
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from omni_train.curriculum.config import (
-    CONDITIONS,
-    TRAINABLE_TIERS,
-    CurriculumConfig,
-    StageConfig,
-)
+from omni_train.contracts import CONDITIONS, TRAINABLE_TIERS, key_hash
+from omni_train.curriculum.config import CurriculumConfig, StageConfig
 
 # Conditions the CFG dropout may switch off (the sampler guides on these two only).
 GUIDED: tuple[str, ...] = ("text", "audio")
@@ -152,10 +147,6 @@ def source_weights_at(
     return {name: float(stage.source_weights.get(name, w)) for name, w in defaults.items()}
 
 
-def _key_entropy(key: str) -> int:
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
-
-
 def _rng(seed: int, step: int, *extra: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, step, *extra])
 
@@ -179,7 +170,7 @@ def condition_masks(
     dropout = cfg.cfg_dropout
     for i, (key, quality) in enumerate(zip(keys, qualities, strict=True)):
         # Four activation draws, then text, audio and joint dropout draws.
-        draws = _rng(seed, step, _key_entropy(key)).random(len(CONDITIONS) + 3)
+        draws = _rng(seed, step, key_hash(key)).random(len(CONDITIONS) + 3)
         for draw, cond in zip(draws, CONDITIONS, strict=False):
             tier = quality.get(cond, "none")
             masks[cond][i] = draw < activation_probability(cfg, step, cond, tier)

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from omni_train.curriculum.config import CONDITIONS, TIERS, CurriculumConfig
+from omni_train.contracts import CONDITIONS, TIERS
+from omni_train.curriculum.config import CurriculumConfig
 from omni_train.curriculum.schedule import effective_ratio, stage_at, tier_weight
 
 # A sample's task is named after its strongest active condition (paper §3.3 order).

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omni_train.curriculum.config import CONDITIONS, TIERS
+from omni_train.contracts import CONDITIONS, TIERS
 from omni_train.data.config import DataConfig
 
 NUM_JOINTS = 17  # COCO-17

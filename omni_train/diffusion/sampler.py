@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from omni_train.contracts import latent_frames
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import shift_timesteps
-from omni_train.models.conditioning import latent_frames_for
 
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -236,9 +236,9 @@ def generate_long_video(
         raise ValueError("task=pose needs keypoints (T, 17, 3) to render pose heatmaps")
     if task in ("audio", "pose") and audio is None:
         raise ValueError(f"task={task} needs a 16 kHz waveform")
-    latent_frames = latent_frames_for(segment_frames)
+    num_latent = latent_frames(segment_frames)
     motion_frames = diffusion_cfg.motion_frames
-    num_motion = latent_frames_for(motion_frames)
+    num_motion = latent_frames(motion_frames)
     ref_latents = encoders.encode_video(ref_image.to(device)[:, :, None])
     text, text_mask = encoders.encode_text([caption])
     # An empty caption counts as no text: the model then sees its learned null text token.
@@ -246,7 +246,7 @@ def generate_long_video(
     use_audio, use_pose = bool(active["audio"]), bool(active["pose"])
     height, width = ref_image.shape[-2:]
     guidance = Guidance.from_config(diffusion_cfg)
-    latent_shape = (1, ref_latents.shape[1], latent_frames, *ref_latents.shape[-2:])
+    latent_shape = (1, ref_latents.shape[1], num_latent, *ref_latents.shape[-2:])
 
     pieces: list[torch.Tensor] = []
     video = None

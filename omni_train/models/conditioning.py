@@ -12,21 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_train.contracts import (
+    SPATIAL_STRIDE,
+    TEMPORAL_STRIDE,
+    check_pixel_frames,
+    latent_frames,
+    pixel_frames,
+)
 from omni_train.models.config import PoseGuiderConfig
-
-TEMPORAL_STRIDE = 4
-
-
-def latent_frames_for(pixel_frames: int) -> int:
-    if pixel_frames < 1 or (pixel_frames - 1) % TEMPORAL_STRIDE:
-        raise ValueError(
-            f"{pixel_frames} pixel frames: the causal VAE needs 1 + {TEMPORAL_STRIDE}k frames"
-        )
-    return (pixel_frames - 1) // TEMPORAL_STRIDE + 1
-
-
-def pixel_frames_for(latent_frames: int) -> int:
-    return 1 + TEMPORAL_STRIDE * (latent_frames - 1)
 
 
 def sinusoidal_embedding(
@@ -70,7 +63,7 @@ def audio_window_indices(latent_frames: int, window: int) -> torch.Tensor:
         left = torch.arange(first - window, first)
         right = torch.arange(last + 1, last + 1 + window)
         rows.append(torch.cat([left, core, right]))
-    return torch.stack(rows).clamp(0, pixel_frames_for(latent_frames) - 1)
+    return torch.stack(rows).clamp(0, pixel_frames(latent_frames) - 1)
 
 
 class AudioProjector(nn.Module):
@@ -88,8 +81,8 @@ class AudioProjector(nn.Module):
         self.slot_embedding = nn.Parameter(torch.randn(self.tokens_per_frame, hidden_size) * 0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        latent_frames = latent_frames_for(features.shape[1])
-        index = audio_window_indices(latent_frames, self.window).to(features.device)
+        frames = latent_frames(features.shape[1])
+        index = audio_window_indices(frames, self.window).to(features.device)
         windows = features[:, index]  # (B, L, K, Da)
         return self.mlp(windows) + self.slot_embedding
 
@@ -146,9 +139,11 @@ class PoseGuider(nn.Module):
         self.proj_out = nn.Conv3d(hidden, cfg.out_channels, kernel_size=1)
 
     def forward(self, heatmaps: torch.Tensor) -> torch.Tensor:
-        latent_frames_for(heatmaps.shape[2])
-        if heatmaps.shape[-2] % 8 or heatmaps.shape[-1] % 8:
-            raise ValueError(f"pose heatmaps {tuple(heatmaps.shape)}: H and W must divide by 8")
+        check_pixel_frames(heatmaps.shape[2])
+        if heatmaps.shape[-2] % SPATIAL_STRIDE or heatmaps.shape[-1] % SPATIAL_STRIDE:
+            raise ValueError(
+                f"pose heatmaps {tuple(heatmaps.shape)}: H and W must divide by {SPATIAL_STRIDE}"
+            )
         x = heatmaps
         for conv in self.down:
             x = F.silu(conv(x))

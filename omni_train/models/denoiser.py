@@ -13,18 +13,12 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from omni_train.contracts import CONDITIONS, latent_frames
 from omni_train.models.attention import BACKENDS
-from omni_train.models.conditioning import (
-    AudioProjector,
-    PoseGuider,
-    TimestepEmbedding,
-    latent_frames_for,
-)
+from omni_train.models.conditioning import AudioProjector, PoseGuider, TimestepEmbedding
 from omni_train.models.config import ModelConfig
 from omni_train.models.mmdit import MMDiT
 from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
-
-CONDITION_NAMES: tuple[str, ...] = ("text", "ref", "audio", "pose")
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -205,7 +199,7 @@ class OmniDenoiser(nn.Module):
         null = self.null_audio.expand(batch, frames, -1, -1)
         if features is None:
             return null
-        if latent_frames_for(features.shape[1]) != frames:
+        if latent_frames(features.shape[1]) != frames:
             raise ValueError(
                 f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
                 f"need {1 + 4 * (frames - 1)}"
@@ -217,11 +211,11 @@ class OmniDenoiser(nn.Module):
 def _condition_flags(
     active: dict[str, torch.Tensor], batch: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    missing = [name for name in CONDITION_NAMES if name not in active]
+    missing = [name for name in CONDITIONS if name not in active]
     if missing:
-        raise KeyError(f"active is missing conditions {missing}; give all of {CONDITION_NAMES}")
+        raise KeyError(f"active is missing conditions {missing}; give all of {CONDITIONS}")
     flags = {}
-    for name in CONDITION_NAMES:
+    for name in CONDITIONS:
         flag = torch.as_tensor(active[name], device=device).bool()
         if flag.shape != (batch,):
             raise ValueError(f"active[{name!r}] has shape {tuple(flag.shape)}, want ({batch},)")

@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from omni_train.contracts import SPATIAL_STRIDE, TEMPORAL_STRIDE, is_causal_frame_count
 from omni_train.models.config import ModelConfig
 
-SPATIAL_FACTOR = 8
-TEMPORAL_FACTOR = 4
 TIMESTEP_FREQUENCY_DIM = 256
 CONV_KERNEL_VOLUME = 27  # the pose guider's 3x3x3 convolutions
 
@@ -64,15 +63,15 @@ def token_counts(
 ) -> TokenCounts:
     """Token counts for a clip; ``text_tokens`` defaults to the text encoder's max_length."""
     height, width = (int(v) for v in resolution)
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
+    if not is_causal_frame_count(num_frames):
         raise ValueError(f"num_frames={num_frames}: the causal VAE needs 1 + 4k frames (e.g. 33)")
-    stride = SPATIAL_FACTOR * cfg.dit.patch_size
+    stride = SPATIAL_STRIDE * cfg.dit.patch_size
     if height % stride or width % stride:
         raise ValueError(
             f"resolution {height}x{width} must be a multiple of {stride} in both axes "
-            f"(VAE stride {SPATIAL_FACTOR} x dit.patch_size {cfg.dit.patch_size})"
+            f"(VAE stride {SPATIAL_STRIDE} x dit.patch_size {cfg.dit.patch_size})"
         )
-    latent_frames = 1 + (num_frames - 1) // TEMPORAL_FACTOR
+    latent_frames = 1 + (num_frames - 1) // TEMPORAL_STRIDE
     per_frame = (height // stride) * (width // stride)
     text = cfg.text_encoder.max_length if text_tokens is None else int(text_tokens)
     if text < 1:
@@ -83,7 +82,7 @@ def token_counts(
         frame_tokens=latent_frames * per_frame,
         reference_tokens=per_frame,
         text_tokens=text,
-        audio_tokens_per_frame=TEMPORAL_FACTOR + 2 * cfg.dit.audio_window,
+        audio_tokens_per_frame=TEMPORAL_STRIDE + 2 * cfg.dit.audio_window,
     )
 
 
@@ -106,7 +105,7 @@ def _conv(out_positions: int, in_channels: int, out_channels: int, kernel: int, 
 def pose_guider_flops(cfg: ModelConfig, height: int, width: int, num_frames: int) -> Flops:
     pose = cfg.pose_guider
     hidden = pose.hidden_channels
-    latent_frames = 1 + (num_frames - 1) // TEMPORAL_FACTOR
+    latent_frames = 1 + (num_frames - 1) // TEMPORAL_STRIDE
     half_frames = 1 + (num_frames - 1) // 2
     area = height * width
     return (

@@ -16,35 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omni_train.contracts import (
+    SPATIAL_STRIDE,
+    TEMPORAL_STRIDE,
+    check_pixel_frames,
+    is_causal_frame_count,
+    latent_frames,
+    pixel_frames,
+)
 from omni_train.models.config import VAEConfig
-
-SPATIAL_FACTOR = 8
-TEMPORAL_FACTOR = 4
 
 # Each causal convolution's past input frames, keyed by the convolution, carried across chunks.
 ConvCache = dict[int, Tensor]
-
-
-def latent_frames(num_pixel_frames: int) -> int:
-    """Latent frames for a clip of ``num_pixel_frames`` (which must be 1 + 4k)."""
-    check_pixel_frames(num_pixel_frames)
-    return 1 + (num_pixel_frames - 1) // TEMPORAL_FACTOR
-
-
-def pixel_frames(num_latent_frames: int) -> int:
-    """Pixel frames decoded from ``num_latent_frames`` latent frames."""
-    if num_latent_frames < 1:
-        raise ValueError(f"need at least one latent frame, got {num_latent_frames}")
-    return 1 + (num_latent_frames - 1) * TEMPORAL_FACTOR
-
-
-def check_pixel_frames(num_frames: int) -> None:
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR != 0:
-        below = max(1, num_frames - (num_frames - 1) % TEMPORAL_FACTOR)
-        raise ValueError(
-            f"the causal VAE needs 1 + {TEMPORAL_FACTOR}k frames, got {num_frames}; "
-            f"trim the clip to {below} frames or pad it to {below + TEMPORAL_FACTOR}"
-        )
 
 
 def check_video_shape(video: Tensor, in_channels: int) -> None:
@@ -52,11 +35,11 @@ def check_video_shape(video: Tensor, in_channels: int) -> None:
         raise ValueError(f"expected video (B, {in_channels}, T, H, W), got {tuple(video.shape)}")
     check_pixel_frames(video.shape[2])
     height, width = video.shape[-2:]
-    if height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
+    if height % SPATIAL_STRIDE or width % SPATIAL_STRIDE:
         raise ValueError(
-            f"the causal VAE needs height and width that are multiples of {SPATIAL_FACTOR}, "
+            f"the causal VAE needs height and width that are multiples of {SPATIAL_STRIDE}, "
             f"got {height}x{width}; resize or crop to "
-            f"{height - height % SPATIAL_FACTOR}x{width - width % SPATIAL_FACTOR}"
+            f"{height - height % SPATIAL_STRIDE}x{width - width % SPATIAL_STRIDE}"
         )
 
 
@@ -167,7 +150,7 @@ class Upsample(nn.Module):
 def space_time_to_depth(x: Tensor) -> Tensor:
     """(B, C, 4L, H, W) -> (B, C * 4 * 8 * 8, L, H/8, W/8): each latent's pixel block as channels."""
     batch, channels, frames, height, width = x.shape
-    t, s = TEMPORAL_FACTOR, SPATIAL_FACTOR
+    t, s = TEMPORAL_STRIDE, SPATIAL_STRIDE
     blocks = x.reshape(batch, channels, frames // t, t, height // s, s, width // s, s)
     blocks = blocks.permute(0, 1, 3, 5, 7, 2, 4, 6)
     return blocks.reshape(batch, channels * t * s * s, frames // t, height // s, width // s)
@@ -176,7 +159,7 @@ def space_time_to_depth(x: Tensor) -> Tensor:
 def depth_to_space_time(x: Tensor, channels: int) -> Tensor:
     """The inverse of ``space_time_to_depth`` for ``channels`` pixel channels."""
     batch, _, latents, height, width = x.shape
-    t, s = TEMPORAL_FACTOR, SPATIAL_FACTOR
+    t, s = TEMPORAL_STRIDE, SPATIAL_STRIDE
     blocks = x.reshape(batch, channels, t, s, s, latents, height, width)
     blocks = blocks.permute(0, 1, 5, 2, 6, 3, 7, 4)
     return blocks.reshape(batch, channels, latents * t, height * s, width * s)
@@ -200,10 +183,10 @@ def _same_for_every_frame(weight: Tensor, channels: int, dim: int) -> None:
     the map starts out blind to motion, so single-frame steps (which only see the first
     block) train all of it."""
     with torch.no_grad():
-        slots = weight.unflatten(dim, (channels, TEMPORAL_FACTOR, -1))
+        slots = weight.unflatten(dim, (channels, TEMPORAL_STRIDE, -1))
         first = slots.narrow(dim + 1, 0, 1)
-        slots.narrow(dim + 1, 1, TEMPORAL_FACTOR - 1).copy_(
-            first.expand_as(slots.narrow(dim + 1, 1, TEMPORAL_FACTOR - 1))
+        slots.narrow(dim + 1, 1, TEMPORAL_STRIDE - 1).copy_(
+            first.expand_as(slots.narrow(dim + 1, 1, TEMPORAL_STRIDE - 1))
         )
 
 
@@ -215,7 +198,7 @@ class PatchToLatent(nn.Module):
         super().__init__()
         # Inputs are divided by the pixels per block and channel: weights of order one, the
         # scale Adam's steps suit (a 1/256 mean weight would be wiped out by the first steps).
-        self.pixels = TEMPORAL_FACTOR * SPATIAL_FACTOR**2
+        self.pixels = TEMPORAL_STRIDE * SPATIAL_STRIDE**2
         self.proj = nn.Conv3d(in_channels * self.pixels, latent_channels, 1)
         nn.init.normal_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -229,7 +212,7 @@ class PatchToLatent(nn.Module):
 
     def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
         if _first_chunk(self, cache):
-            x = torch.cat([x[:, :, :1].expand(-1, -1, TEMPORAL_FACTOR - 1, -1, -1), x], dim=2)
+            x = torch.cat([x[:, :, :1].expand(-1, -1, TEMPORAL_STRIDE - 1, -1, -1), x], dim=2)
         return self.proj(space_time_to_depth(x) / self.pixels)
 
 
@@ -240,7 +223,7 @@ class LatentToPatch(nn.Module):
     def __init__(self, latent_channels: int, out_channels: int) -> None:
         super().__init__()
         self.out_channels = out_channels
-        block = out_channels * TEMPORAL_FACTOR * SPATIAL_FACTOR**2
+        block = out_channels * TEMPORAL_STRIDE * SPATIAL_STRIDE**2
         self.proj = nn.Conv3d(latent_channels, block, 1)
         # It starts by spreading the first latent channels over their blocks as the pixel
         # channels (the rest at zero): the codec begins as block averaging, not noise.
@@ -256,8 +239,8 @@ class LatentToPatch(nn.Module):
         pixels = depth_to_space_time(self.proj(z), self.out_channels)
         if not first:
             return pixels
-        head = pixels[:, :, :TEMPORAL_FACTOR].mean(dim=2, keepdim=True)
-        return torch.cat([head, pixels[:, :, TEMPORAL_FACTOR:]], dim=2)
+        head = pixels[:, :, :TEMPORAL_STRIDE].mean(dim=2, keepdim=True)
+        return torch.cat([head, pixels[:, :, TEMPORAL_STRIDE:]], dim=2)
 
 
 def level_channels(cfg: VAEConfig) -> list[int]:
@@ -328,7 +311,7 @@ class Decoder(nn.Module):
 
 def check_vae_config(cfg: VAEConfig) -> None:
     levels = len(cfg.channel_mult)
-    if 2 ** (levels - 1) != SPATIAL_FACTOR:
+    if 2 ** (levels - 1) != SPATIAL_STRIDE:
         raise ValueError(
             f"vae.channel_mult needs 4 levels (8x spatial compression), got {cfg.channel_mult}"
         )
@@ -338,7 +321,9 @@ def check_vae_config(cfg: VAEConfig) -> None:
             "vae.temporal_down_levels needs two distinct levels among 0..2 (4x temporal "
             f"compression), got {cfg.temporal_down_levels}"
         )
-    if cfg.chunk_frames < 0 or (cfg.chunk_frames > 0 and (cfg.chunk_frames - 1) % 4):
+    if cfg.chunk_frames < 0 or (
+        cfg.chunk_frames > 0 and not is_causal_frame_count(cfg.chunk_frames)
+    ):
         raise ValueError(f"vae.chunk_frames must be 0 or 1 + 4k (e.g. 17), got {cfg.chunk_frames}")
     for width in level_channels(cfg):
         if width < 1:
@@ -408,7 +393,7 @@ class CausalVAE(nn.Module):
             yield self.decoder(z)
             return
         # Latent chunks mirror the encoder's pixel chunks: 1 + k latents first, then k each.
-        per_chunk = (chunk - 1) // TEMPORAL_FACTOR
+        per_chunk = (chunk - 1) // TEMPORAL_STRIDE
         cache: ConvCache = {}
         for a, b in pairwise(chunk_bounds(z.shape[2], per_chunk + 1, per_chunk)):
             yield self.decoder(z[:, :, a:b], cache)

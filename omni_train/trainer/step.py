@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from omni_train.curriculum import CONDITIONS
+from omni_train.contracts import CONDITIONS, SPATIAL_STRIDE, pixel_frames
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import flow_matching_loss, sample_timesteps
-from omni_train.models.vae import SPATIAL_FACTOR, pixel_frames
 
 # A sample's task is named after its strongest active condition (paper §3.3 order).
 TASKS: tuple[str, ...] = ("uncond", *CONDITIONS)
@@ -159,7 +158,7 @@ def model_inputs(
     x0, ref_latents = _latents(encoders, batch, device)
     batch_size, _, latent_count, latent_h, latent_w = x0.shape
     num_frames = pixel_frames(latent_count)
-    height, width = latent_h * SPATIAL_FACTOR, latent_w * SPATIAL_FACTOR
+    height, width = latent_h * SPATIAL_STRIDE, latent_w * SPATIAL_STRIDE
     if "text_embeddings" in batch:  # precomputed by data_pipelines.encode
         text = batch["text_embeddings"].to(device)
         text_mask = batch["text_mask"].to(device)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from omni_train.curriculum import CONDITIONS
+from omni_train.contracts import CONDITIONS, key_hash
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
@@ -215,7 +215,7 @@ def select_val_refs(data: DataConfig, num_clips: int) -> list[SampleRef]:
 
 
 def _key_words(key: str) -> list[int]:
-    return [int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")]
+    return [key_hash(key)]
 
 
 def decode_val_sample(ref: SampleRef, data: DataConfig, seed: int) -> dict:

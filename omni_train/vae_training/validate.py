@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from omni_train.contracts import SPATIAL_STRIDE
 from omni_train.data.stream import shard_list
-from omni_train.models.vae import SPATIAL_FACTOR, check_vae_config
+from omni_train.models.vae import check_vae_config
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.lr_schedule import validate_schedule
 from omni_train.vae_training.config import TrainVAEConfig
@@ -26,9 +27,9 @@ def validate_vae_train_config(cfg: TrainVAEConfig, world_size: int) -> None:
     if cfg.data.precomputed:
         raise ConfigError("data.precomputed=true holds latents, not pixels: the VAE trains on mp4")
     for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
-        if size % SPATIAL_FACTOR:
+        if size % SPATIAL_STRIDE:
             raise ConfigError(
-                f"data.resolution {axis}={size} must be a multiple of {SPATIAL_FACTOR}"
+                f"data.resolution {axis}={size} must be a multiple of {SPATIAL_STRIDE}"
             )
     if cfg.trainer.save_every <= 0 or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps and trainer.save_every must be positive")

@@ -6,17 +6,17 @@ from omni_train.models.conditioning import (
     PoseGuider,
     TimestepEmbedding,
     audio_window_indices,
-    latent_frames_for,
+    latent_frames,
     stack_neighbor_frames,
 )
 from omni_train.models.config import PoseGuiderConfig
 
 
 def test_latent_frame_count_follows_the_causal_vae():
-    assert latent_frames_for(1) == 1
-    assert latent_frames_for(17) == 5
+    assert latent_frames(1) == 1
+    assert latent_frames(17) == 5
     with pytest.raises(ValueError, match="1 \\+ 4k"):
-        latent_frames_for(16)
+        latent_frames(16)
 
 
 def test_audio_window_indices():

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from omni_train.contracts import latent_frames, pixel_frames
 from omni_train.models.config import VAEConfig
-from omni_train.models.vae import CausalVAE, latent_frames, pixel_frames
+from omni_train.models.vae import CausalVAE
 
 
 @pytest.fixture(scope="module")
