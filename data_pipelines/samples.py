@@ -31,6 +31,7 @@ from data_pipelines.decoding import AudioTrack, DamageLog, video_frames
 from data_pipelines.media import UNSPECIFIED_COLORSPACE, encode_mp4
 from data_pipelines.probe import RejectedInput, probe_video
 from data_pipelines.tags import condition_tiers
+from omni_train.contracts import SHARD_MEMBERS
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class Sample:
         return json.dumps(self.meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     def members(self) -> dict[str, bytes]:
-        """Tar members by extension, in the order they are written."""
-        return {"json": self._json(), "mp4": self.mp4}
+        """Tar members by extension (contracts.SHARD_MEMBERS), in the order they are written."""
+        data = {"json": self._json, "mp4": lambda: self.mp4}
+        return {name: data[name]() for name in SHARD_MEMBERS}
 
     @property
     def size(self) -> int:

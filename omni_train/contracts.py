@@ -19,8 +19,9 @@ TRAINABLE_TIERS: tuple[str, ...] = ("strong", "weak")
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
 
-# A raw shard sample: the clip and its metadata (webdataset member names, i.e. extensions).
-SHARD_MEMBERS: tuple[str, ...] = ("mp4", "json")
+# A raw shard sample: its metadata and the clip (webdataset member names, i.e. extensions),
+# in the order they are written.
+SHARD_MEMBERS: tuple[str, ...] = ("json", "mp4")
 
 
 def is_causal_frame_count(num_frames: int) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omni_train.contracts import is_causal_frame_count
+
 WORKER_START_METHODS: tuple[str, ...] = ("", "fork", "spawn", "forkserver")
 SPLIT_MODES: tuple[str, ...] = ("auto", "shard", "sample")
 
@@ -81,7 +83,7 @@ class DataConfig:
             raise ValueError(
                 f"data.resolution={list(self.resolution)}: give [height, width], both positive"
             )
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+        if not is_causal_frame_count(self.num_frames):
             raise ValueError(
                 f"data.num_frames={self.num_frames}: the causal VAE needs 1 + 4k frames "
                 "(e.g. 9, 17 or 33)"
@@ -117,7 +119,7 @@ class DataConfig:
         for i, bucket in enumerate(self.buckets):
             if len(bucket.resolution) != 2 or min(bucket.resolution) < 1:
                 raise ValueError(f"data.buckets.{i}.resolution={list(bucket.resolution)}")
-            if bucket.num_frames < 1 or (bucket.num_frames - 1) % 4:
+            if not is_causal_frame_count(bucket.num_frames):
                 raise ValueError(
                     f"data.buckets.{i}.num_frames={bucket.num_frames}: the causal VAE needs "
                     "1 + 4k frames"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omni_train.contracts import CONDITIONS, TIERS
+from omni_train.contracts import CONDITIONS, SHARD_MEMBERS, TIERS
 from omni_train.data.config import DataConfig
 
 NUM_JOINTS = 17  # COCO-17
@@ -63,7 +63,7 @@ def decode_sample(raw: dict[str, Any], cfg: DataConfig, rng: np.random.Generator
     Raises CorruptSample when the sample cannot be used.
     """
     key = str(raw.get("__key__", "?"))
-    for member in ("mp4", "json"):
+    for member in SHARD_MEMBERS:
         if not isinstance(raw.get(member), bytes | bytearray):
             raise CorruptSample(key, f"has no {member} member")
     meta = _parse_meta(key, raw["json"])

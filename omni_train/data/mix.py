@@ -16,7 +16,6 @@ rest of the interrupted epoch is read once, still drawn by the weights of the cu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from omni_train.contracts import SHARD_MEMBERS, key_hash
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.curriculum.schedule import source_weights_at
 from omni_train.data.config import BucketConfig, DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
 from omni_train.data.plan import ConsumerPlan, ShardIndex, resolve_split
-from omni_train.data.shards import LATENT_MEMBERS, MEMBERS, SampleRef, read_sample
+from omni_train.data.shards import LATENT_MEMBERS, SampleRef, read_sample
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ def choose_bucket(meta: dict[str, Any], buckets: Sequence[BucketConfig], fps: fl
         return abs(math.log(w / h) - aspect), -buckets[i].num_frames
 
     return min(fits, key=distance)
-
-
-def _key_words(key: str) -> int:
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
 
 
 class MixedBatches:
@@ -149,7 +145,7 @@ class MixedBatches:
         return int(np.searchsorted(np.cumsum(weights / weights.sum()), draw, side="right"))
 
     def _decode(self, source: int, epoch: int, ref: SampleRef) -> tuple[int, dict]:
-        raw = read_sample(ref, LATENT_MEMBERS if self.cfg.precomputed else MEMBERS)
+        raw = read_sample(ref, LATENT_MEMBERS if self.cfg.precomputed else SHARD_MEMBERS)
         try:
             meta = json.loads(bytes(raw.get("json", b"")).decode("utf-8"))
             bucket = choose_bucket(meta, self.buckets, self.cfg.fps)
@@ -165,7 +161,7 @@ class MixedBatches:
             batch_size=b.batch_size,
         )
         plan = self.plans[source]
-        rng = np.random.default_rng(plan.decode_seeds(epoch, _key_words(ref.key)))
+        rng = np.random.default_rng(plan.decode_seeds(epoch, key_hash(ref.key)))
         decode = decode_latent_sample if self.cfg.precomputed else decode_sample
         return bucket, decode(raw, cfg, rng)
 

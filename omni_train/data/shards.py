@@ -18,13 +18,13 @@ from typing import NamedTuple
 
 from braceexpand import braceexpand
 
+from omni_train.contracts import SHARD_MEMBERS
 from omni_train.data.decode import CorruptSample
 
 log = logging.getLogger(__name__)
 
 # The only members ever read: raw mode reads mp4 + json, precomputed mode json + the arrays
 # (numpy .npy, loaded with allow_pickle=False). Anything else in a shard is ignored.
-MEMBERS: tuple[str, ...] = ("mp4", "json")
 LATENT_MEMBERS: tuple[str, ...] = (
     "json",
     "latents.npy",
@@ -33,7 +33,7 @@ LATENT_MEMBERS: tuple[str, ...] = (
     "audio_features.npy",
     "text_embeddings.npy",
 )
-INDEXED: tuple[str, ...] = tuple(dict.fromkeys(MEMBERS + LATENT_MEMBERS))
+INDEXED: tuple[str, ...] = tuple(dict.fromkeys(SHARD_MEMBERS + LATENT_MEMBERS))
 # WebDataset's key convention: everything before the first dot of the file name.
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -128,7 +128,7 @@ def _ref(key: str, path: str, members: dict[str, tuple[int, int]]) -> SampleRef:
     return SampleRef(key, path, tuple((ext, *members[ext]) for ext in INDEXED if ext in members))
 
 
-def read_sample(ref: SampleRef, wanted: tuple[str, ...] = MEMBERS) -> dict[str, object]:
+def read_sample(ref: SampleRef, wanted: tuple[str, ...] = SHARD_MEMBERS) -> dict[str, object]:
     """{"__key__": key, ext: bytes, ...} for the ``wanted`` members the sample has."""
     sample: dict[str, object] = {"__key__": ref.key}
     try:

@@ -16,7 +16,6 @@ loader's state is the position of every worker after the batches handed out so f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from omni_train.contracts import key_hash
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
@@ -166,10 +166,6 @@ class LoaderState:
 
 
 # ----------------------------------------------------------------------------- one consumer
-def _key_words(key: str) -> int:
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "little")
-
-
 class ConsumerStream:
     """The infinite decoded-sample stream of one consumer, starting at ``position``."""
 
@@ -213,7 +209,7 @@ class ConsumerStream:
         fresh = own >= 0 and own % self.plan.epoch_size == 0  # at the start of an own epoch
         decoded, last_error = 0, ""
         for epoch, ref, epoch_done in self.plan.refs_from(self.position.raw):
-            rng = np.random.default_rng(self.plan.decode_seeds(epoch, _key_words(ref.key)))
+            rng = np.random.default_rng(self.plan.decode_seeds(epoch, key_hash(ref.key)))
             try:
                 if self.cfg.precomputed:
                     raw = read_sample(ref, LATENT_MEMBERS)
