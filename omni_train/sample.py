@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config import SampleConfig, TrainConfig, register_configs
+from omni_train.contracts import is_causal_frame_count
 
 log = logging.getLogger("omni_train.sample")
 register_configs()
@@ -185,7 +186,7 @@ def run_sampling(cfg: SampleConfig) -> Path:
         diffusion.sampling_steps = cfg.sampling_steps
     fps = train_cfg.data.fps
     segment = cfg.segment_frames or train_cfg.data.num_frames
-    if segment <= diffusion.motion_frames or (segment - 1) % 4:
+    if segment <= diffusion.motion_frames or not is_causal_frame_count(segment):
         raise ValueError(
             f"segment_frames={segment}: needs 1 + 4k frames and more than the "
             f"{diffusion.motion_frames} motion frames (e.g. 17 or 33)"

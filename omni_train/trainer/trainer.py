@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from omni_train.config import TrainConfig
+from omni_train.contracts import latent_frames
 from omni_train.curriculum import (
     CurriculumMeter,
     condition_masks,
@@ -22,7 +23,6 @@ from omni_train.data.elastic import elastic_loader_state
 from omni_train.data.stream import build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
-from omni_train.models.vae import latent_frames
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
 from omni_train.trainer.config import VAL_TASKS
