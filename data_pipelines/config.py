@@ -39,8 +39,14 @@ class TagThresholds:
     audio_strong_face_fraction: float = 0.9
     audio_strong_head_visibility: float = 0.9
     # audio strong: lip-sync proxy (mouth opening or mouth darkness vs. the audio envelope,
-    # Pearson r at the best offset; see annotators/lipsync.py).
+    # Pearson r at the best offset; see annotators/lipsync.py) ...
     audio_strong_lip_sync: float = 0.3
+    # ... and its chance p (``lip_sync_p``: how often lips that do not follow the audio reach
+    # that r, given the clip's length, how smooth both signals are and the offsets searched)
+    # at most this. r alone passes half of all unrelated voices on 3 s clips at 8 fps; with
+    # p <= 0.01 as well, 0-4 % of them, while every own-voice clip of the sample corpus stays
+    # strong (p <= 0.005). 1.0 drops the check (and passes scores stored without a p).
+    audio_strong_lip_sync_max_p: float = 0.01
     # audio strong with SyncNet weights configured: SyncNet confidence (Sync-C) instead.
     audio_strong_sync_c: float = 3.0
     # pose: mean fraction of the 17 joints visible per frame.
@@ -49,6 +55,13 @@ class TagThresholds:
     # pose: median joint acceleration (normalised units per frame^2); larger means jitter.
     pose_strong_max_jitter: float = 0.02
     pose_weak_max_jitter: float = 0.06
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.audio_strong_lip_sync_max_p <= 1.0:
+            raise ValueError(
+                f"thresholds.audio_strong_lip_sync_max_p={self.audio_strong_lip_sync_max_p} is "
+                "not a probability: pass one in (0, 1]; 1.0 drops the lip-sync chance check"
+            )
 
 
 @dataclass

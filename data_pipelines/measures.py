@@ -210,14 +210,21 @@ def lip_sync(
     """Pearson r between mouth-region darkness and audio energy per frame, or None.
 
     An open mouth is darker than closed lips, so on a talking face the region below the nose
-    darkens when the voice is loud. The region moves with the nose and scales with the eye
-    distance; frames without nose and eyes are skipped. A cheap, model-free stand-in for a
-    SyncNet score: near 0 for unrelated audio, clearly positive for lips that follow it.
+    darkens when the voice is loud. A cheap, model-free stand-in for a SyncNet score: near 0
+    for unrelated audio, clearly positive for lips that follow it.
     """
+    darkness = mouth_darkness(frames, keypoints, grey_frames)
+    return darkness_energy_r(darkness, frame_rms(audio, sample_rate, fps, len(frames)))
+
+
+def mouth_darkness(
+    frames: np.ndarray, keypoints: np.ndarray, grey_frames: np.ndarray | None = None
+) -> np.ndarray:
+    """(T,) darkness (255 - mean grey) of the region below the nose, NaN in frames without
+    nose and eyes. The region moves with the nose and scales with the eye distance."""
     height, width = frames.shape[1:3]
     g = _grey_of(frames, grey_frames)
-    darkness, energy = [], []
-    rms = frame_rms(audio, sample_rate, fps, len(frames))
+    darkness = np.full(len(frames), np.nan)
     for i, points in enumerate(keypoints):
         if not (points[list(HEAD_JOINTS), 2] >= VISIBLE).all():
             continue
@@ -231,8 +238,14 @@ def lip_sync(
         left, right = int(max(0, cx - half_w)), int(min(width, np.ceil(cx + half_w)))
         if bottom <= top or right <= left:
             continue
-        darkness.append(255.0 - float(g[i, top:bottom, left:right].mean()))
-        energy.append(rms[i])
+        darkness[i] = 255.0 - float(g[i, top:bottom, left:right].mean())
+    return darkness
+
+
+def darkness_energy_r(darkness: np.ndarray, energy: np.ndarray) -> float | None:
+    """Pearson r over the frames with a darkness value, or None with fewer than 4 of them."""
+    measured = np.isfinite(darkness)
+    darkness, energy = darkness[measured], energy[measured]
     # A mouth region that barely changes gives no evidence either way.
     if len(darkness) < 4 or np.std(darkness) < MIN_MOUTH_CHANGE or np.std(energy) < 1e-6:
         return None

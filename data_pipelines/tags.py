@@ -14,7 +14,10 @@ Rules:
   sharp enough, none when blurry.
 - audio: none without a track or when it is silent / near-silent. Strong needs enough
   speech AND a visible face (face detector, else head keypoints) AND a mouth that follows the
-  sound (lip_sync); without that evidence at most weak.
+  sound; without that evidence at most weak. The mouth follows the sound when SyncNet's
+  sync_c is high enough, or, with the lip-sync proxy, when its r (lip_sync) is high enough AND
+  unlikely by chance (lip_sync_p <= audio_strong_lip_sync_max_p): on a short clip the best r
+  of a mouth against unrelated speech is often high, so r alone is no evidence.
 - pose: none without keypoints; strong when most joints are visible and stable; weak when
   enough are visible and the jitter is tolerable.
 """
@@ -64,7 +67,10 @@ def audio_tier(scores: Mapping[str, float], t: TagThresholds) -> str:
     if "sync_c" in scores:
         lips_follow = scores["sync_c"] >= t.audio_strong_sync_c
     else:
-        lips_follow = scores.get("lip_sync", -1.0) >= t.audio_strong_lip_sync
+        lips_follow = (
+            scores.get("lip_sync", -1.0) >= t.audio_strong_lip_sync
+            and scores.get("lip_sync_p", 1.0) <= t.audio_strong_lip_sync_max_p
+        )
     face_speaks = face_seen and lips_follow
     return "strong" if speech >= t.audio_strong_speech_fraction and face_speaks else "weak"
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from data_pipelines.annotators.audio import Loudness, SpeechActivity, integrated
 from data_pipelines.annotators.base import optional_import, run_timed
 from data_pipelines.annotators.face import FaceDetector
 from data_pipelines.annotators.image import Motion
-from data_pipelines.annotators.lipsync import LipSync, best_offset_correlation
+from data_pipelines.annotators.lipsync import LipSync, best_offset_correlation, chance_p_value
 from data_pipelines.config import default_annotators
 
 RATE = 16000
@@ -108,6 +109,47 @@ def test_lip_sync_is_labelled_a_proxy():
     LipSync()(_clip(np.zeros((frames, 8, 8, 3), np.uint8), audio, fps), found)
     assert found.methods["lip_sync"] == "proxy_mouth_opening"
     assert found.scores["lip_sync"] > 0.9 and found.scores["lip_sync_offset"] == 0.0
+    assert found.scores["lip_sync_p"] < 1e-6  # 32 frames that open and shut with the voice
+
+
+def _smooth_noise(rng: np.random.Generator, frames: int, phi: float) -> np.ndarray:
+    """AR(1): x[t] = phi x[t-1] + white noise, stationary from the first frame."""
+    x = np.empty(frames)
+    x[0] = rng.standard_normal() / np.sqrt(1 - phi**2)
+    for t in range(1, frames):
+        x[t] = phi * x[t - 1] + rng.standard_normal()
+    return x
+
+
+def test_chance_p_keeps_its_rate_on_smooth_unrelated_signals():
+    """1000 pairs of independent smooth signals of 24 frames (AR(1), phi 0.6, about as smooth
+    as a mouth track at 8 fps). Measured: p <= 0.01 for 0.8 % of them (0.8 % for white noise
+    too). Fisher's z over 24 frames, as if each frame were independent, gives 5.3 %."""
+    rng = np.random.default_rng(0)
+    p_values = []
+    for _ in range(1000):
+        mouth, envelope = _smooth_noise(rng, 24, 0.6), _smooth_noise(rng, 24, 0.6)
+        p_values.append(chance_p_value(mouth, envelope, np.corrcoef(mouth, envelope)[0, 1], 1))
+    assert np.mean(np.array(p_values) <= 0.01) <= 0.015
+
+
+def test_chance_p_counts_offsets_and_skips_frames_without_a_mouth():
+    rng = np.random.default_rng(3)
+    mouth, envelope = _smooth_noise(rng, 30, 0.5), _smooth_noise(rng, 30, 0.5)
+    one = chance_p_value(mouth, envelope, 0.5, 1)
+    # The best of 5 offsets: Sidak, as likely as one of 5 tries reaching r.
+    assert chance_p_value(mouth, envelope, 0.5, 5) == pytest.approx(1 - (1 - one) ** 5)
+    assert chance_p_value(mouth, envelope, 0.7, 1) < one < chance_p_value(mouth, envelope, 0.3, 1)
+    # White noise: N* = N frames, so p is Fisher's z over all of them, at most.
+    noise = rng.standard_normal((2, 200))
+    fisher = 0.5 * math.erfc(math.atanh(0.2) * math.sqrt(200 - 3) / math.sqrt(2))
+    assert chance_p_value(noise[0], noise[1], 0.2, 1) == pytest.approx(fisher, rel=0.3)
+    # The same signal twice: every lag counts, far fewer independent frames than 30.
+    assert chance_p_value(mouth, mouth, 0.5, 1) > one
+    hidden = mouth.copy()
+    hidden[::3] = np.nan  # no face mesh in a third of the frames
+    assert chance_p_value(hidden, envelope, 0.5, 1) > one  # fewer frames, less evidence
+    assert chance_p_value(np.full(30, np.nan), envelope, 0.5, 1) == 1.0
 
 
 def test_face_from_sidecar_keypoints():
@@ -189,6 +231,11 @@ def test_light_preset_scores_are_the_uncached_ones():
     assert found.methods["lip_sync"] == "proxy_mouth_darkness"
     assert found.scores["lip_sync"] == measures.lip_sync(
         clip.frames, keypoints, clip.audio, RATE, 8.0
+    )
+    darkness = measures.mouth_darkness(clip.frames, keypoints)
+    energy = measures.frame_rms(clip.audio, RATE, 8.0, len(clip.frames))
+    assert found.scores["lip_sync_p"] == chance_p_value(
+        darkness, energy, found.scores["lip_sync"], num_offsets=1
     )
     assert set(found.seconds) == {a.name for a in build_annotators(_preset("light"))}
     assert all(seconds >= 0 for seconds in found.seconds.values())

@@ -89,7 +89,7 @@ def test_bad_weights_are_named(tmp_path):
 
 def test_sync_c_decides_audio_strong_when_present():
     scores = {"speech_fraction": 0.8, "loudness_dbfs": -20.0, "face_fraction": 1.0,
-              "lip_sync": 0.9}  # fmt: skip
+              "lip_sync": 0.9, "lip_sync_p": 0.001}  # fmt: skip
     t = TagThresholds()
     assert audio_tier(scores, t) == "strong"
     assert audio_tier({**scores, "sync_c": 1.0}, t) == "weak"  # SyncNet outranks the proxy

@@ -10,6 +10,7 @@ IMAGE = {"sharpness": 200.0, "motion": 0.02, "contrast": 30.0, "brightness": 0.5
 SPEECH = {"speech_fraction": 0.7, "loudness_dbfs": -20.0}
 POSE = {"pose_visibility": 1.0, "head_visibility": 1.0, "pose_jitter": 0.001,
         "keypoint_motion": 0.01}  # fmt: skip
+LIPS = {"lip_sync": 0.8, "lip_sync_p": 0.001}  # lips that follow the voice, not by chance
 
 
 @pytest.mark.parametrize(
@@ -17,13 +18,13 @@ POSE = {"pose_visibility": 1.0, "head_visibility": 1.0, "pose_jitter": 0.001,
     [
         # everything good
         (
-            {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8},
+            {**IMAGE, **SPEECH, **POSE, **LIPS},
             "a man talks",
             {"text": "strong", "ref": "strong", "audio": "strong", "pose": "strong"},
         ),
         # no caption: text still trains (as an empty prompt), weakly
         (
-            {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8},
+            {**IMAGE, **SPEECH, **POSE, **LIPS},
             "   ",
             {"text": "weak", "ref": "strong", "audio": "strong", "pose": "strong"},
         ),
@@ -41,6 +42,24 @@ POSE = {"pose_visibility": 1.0, "head_visibility": 1.0, "pose_jitter": 0.001,
             "x",
             {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
         ),
+        # r as high, but short smooth signals reach it by chance one time in 20
+        (
+            {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8, "lip_sync_p": 0.05},
+            "x",
+            {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
+        ),
+        # r without its chance p (scores written before lip_sync_p): no evidence
+        (
+            {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8},
+            "x",
+            {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
+        ),
+        # not by chance, but too weak a match
+        (
+            {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.25, "lip_sync_p": 0.001},
+            "x",
+            {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
+        ),
         # speech, lips unmeasurable (no lip_sync score)
         (
             {**IMAGE, **SPEECH, **POSE},
@@ -49,7 +68,7 @@ POSE = {"pose_visibility": 1.0, "head_visibility": 1.0, "pose_jitter": 0.001,
         ),
         # head out of frame half the time
         (
-            {**IMAGE, **SPEECH, **POSE, "head_visibility": 0.5, "lip_sync": 0.8},
+            {**IMAGE, **SPEECH, **POSE, **LIPS, "head_visibility": 0.5},
             "x",
             {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
         ),
@@ -61,13 +80,13 @@ POSE = {"pose_visibility": 1.0, "head_visibility": 1.0, "pose_jitter": 0.001,
         ),
         # loud but hardly any speech (e.g. one bang)
         (
-            {**IMAGE, "speech_fraction": 0.05, "loudness_dbfs": -20.0, **POSE, "lip_sync": 0.9},
+            {**IMAGE, "speech_fraction": 0.05, "loudness_dbfs": -20.0, **POSE, **LIPS},
             "x",
             {"text": "strong", "ref": "strong", "audio": "none", "pose": "strong"},
         ),
         # some speech, below the strong fraction
         (
-            {**IMAGE, "speech_fraction": 0.2, "loudness_dbfs": -25.0, **POSE, "lip_sync": 0.9},
+            {**IMAGE, "speech_fraction": 0.2, "loudness_dbfs": -25.0, **POSE, **LIPS},
             "x",
             {"text": "strong", "ref": "strong", "audio": "weak", "pose": "strong"},
         ),
@@ -130,6 +149,20 @@ def test_thresholds_come_from_config():
     assert condition_tiers(scores, "ab", TagThresholds(text_strong_min_chars=3))["text"] == "weak"
 
 
+def test_lip_sync_chance_check_is_a_threshold():
+    by_chance = {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8, "lip_sync_p": 0.05}
+    assert condition_tiers(by_chance, "x", T)["audio"] == "weak"
+    lenient = TagThresholds(audio_strong_lip_sync_max_p=0.1)
+    assert condition_tiers(by_chance, "x", lenient)["audio"] == "strong"
+    # 1.0 drops the check: r alone decides, as for scores stored without a p
+    off = TagThresholds(audio_strong_lip_sync_max_p=1.0)
+    r_only = {**IMAGE, **SPEECH, **POSE, "lip_sync": 0.8}
+    assert condition_tiers(r_only, "x", off)["audio"] == "strong"
+    for wrong in (0.0, -0.01, 5.0):
+        with pytest.raises(ValueError, match="audio_strong_lip_sync_max_p.*in \\(0, 1\\]"):
+            TagThresholds(audio_strong_lip_sync_max_p=wrong)
+
+
 def test_tiers_are_always_valid():
     for result in (condition_tiers({}, "", T), condition_tiers({**IMAGE, **SPEECH}, "c", T)):
         assert set(result) == set(CONDITIONS)
@@ -143,7 +176,7 @@ def test_detector_scores_decide_when_present():
     # a detector looked and found nobody: not a usable reference
     nobody = {**IMAGE, "face_fraction": 0.0, "pose_visibility": 0.0, "head_visibility": 0.0}
     assert condition_tiers(nobody, "x", T)["ref"] == "weak"
-    speaks = {**IMAGE, **SPEECH, "lip_sync": 0.8}
+    speaks = {**IMAGE, **SPEECH, **LIPS}
     # the face detector outranks head keypoints for the visible-face rule
     assert condition_tiers({**speaks, "face_fraction": 1.0}, "x", T)["audio"] == "strong"
     hidden = {**speaks, **POSE, "face_fraction": 0.2}
