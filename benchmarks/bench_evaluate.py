@@ -31,10 +31,10 @@ SAMPLING_STEPS = 10
 
 def make_checkpoint(root: Path) -> tuple[Path, str]:
     from data_pipelines.testing import build_sample_shards
+    from omni_train.config import compose_train_config
     from omni_train.models.denoiser import build_denoiser
     from omni_train.models.encoders import build_frozen_encoders
     from omni_train.models.weights import save_safetensors
-    from omni_train.testing import compose_train_config
 
     data = build_sample_shards(root, num_clips=NUM_CLIPS)
     shards = f"{data}/shards/*.tar"

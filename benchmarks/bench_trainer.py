@@ -45,7 +45,7 @@ def _train_timing_steps(overrides: list[str]) -> tuple[object, list[float], list
     Returns the Trainer (process group still up), the step seconds minus the step's wait for
     batches, and the seconds of the post-update hook (the EMA update when EMA is on).
     """
-    from omni_train.testing import compose_train_config
+    from omni_train.config import compose_train_config
     from omni_train.trainer.trainer import Trainer
 
     cfg, resolved = compose_train_config(overrides)

@@ -26,6 +26,15 @@ def read_first_frame(path: str | Path) -> np.ndarray:
     raise ValueError(f"{path} contains no image or video frame")
 
 
+def reference_tensor(path: str | Path, resolution: list[int]) -> torch.Tensor:
+    """The first frame of ``path`` resized and center-cropped to (1, 3, H, W) in [-1, 1]."""
+    from omni_train.data.decode import crop_geometry, resize_crop  # torch-side resize
+
+    image = read_first_frame(path)
+    geometry = crop_geometry(image.shape[0], image.shape[1], *resolution)
+    return resize_crop(image[None], geometry)
+
+
 def read_audio(path: str | Path, sample_rate: int = AUDIO_RATE) -> np.ndarray:
     """The whole audio track of ``path`` as float32 mono at ``sample_rate``."""
     path = Path(path)

@@ -156,16 +156,6 @@ def load_run(
     return LoadedRun(cfg, folder, denoiser.to(device).eval(), encoders.to(device).eval())
 
 
-def reference_tensor(path: str | Path, resolution: list[int]) -> torch.Tensor:
-    """The first frame of ``path`` resized and center-cropped to (1, 3, H, W) in [-1, 1]."""
-    from omni_train.data.decode import crop_geometry, resize_crop
-    from omni_train.media import read_first_frame
-
-    image = read_first_frame(path)
-    geometry = crop_geometry(image.shape[0], image.shape[1], *resolution)
-    return resize_crop(image[None], geometry)
-
-
 def output_frames(seconds: float, audio_seconds: float, fps: float, segment_frames: int) -> int:
     """Frames to generate: the requested (or the audio's) length, at least two segments."""
     wanted = round((seconds if seconds > 0 else audio_seconds) * fps)
@@ -174,7 +164,13 @@ def output_frames(seconds: float, audio_seconds: float, fps: float, segment_fram
 
 def run_sampling(cfg: SampleConfig) -> Path:
     from omni_train.diffusion.sampler import generate_long_video
-    from omni_train.media import AUDIO_RATE, read_audio, to_uint8_frames, write_mp4
+    from omni_train.media import (
+        AUDIO_RATE,
+        read_audio,
+        reference_tensor,
+        to_uint8_frames,
+        write_mp4,
+    )
 
     torch.manual_seed(cfg.seed)
     run = load_run(

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: compose configs in-process, fork ranks without torchrun."""
+"""Helpers for tests and benchmarks: fork ranks without torchrun, timed runs."""
 
 from __future__ import annotations
 
@@ -13,20 +13,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_train_config(overrides: Sequence[str] = ()) -> Any:
-    """The TrainConfig object that `python -m omni_train.train OVERRIDES` would run."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from omni_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        raw = compose(config_name="train", overrides=list(overrides))
-    return OmegaConf.to_object(raw), OmegaConf.to_container(raw, resolve=True)
+from omni_train.config import CONF_DIR, compose_train_config  # noqa: F401 - tests use them here
 
 
 def free_port() -> int:

@@ -89,7 +89,7 @@ def plot_schedule(cfg: CurriculumConfig, steps: int, out: str | Path, title: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from omni_train.testing import compose_train_config
+    from omni_train.config import compose_train_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     out = next((a.split("=", 1)[1] for a in args if a.startswith("out=")), "")

@@ -44,8 +44,7 @@ class Validator:
             return self._inputs
         vcfg, data = self.cfg.trainer.validation, self.cfg.data
         if vcfg.ref_images:
-            from omni_train.media import AUDIO_RATE, read_audio
-            from omni_train.sample import reference_tensor
+            from omni_train.media import AUDIO_RATE, read_audio, reference_tensor
 
             captions = list(vcfg.captions) + [""] * len(vcfg.ref_images)
             self._inputs = [
