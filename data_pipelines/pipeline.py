@@ -37,9 +37,9 @@ from data_pipelines.progress import (
 )
 from data_pipelines.samples import SourceResult, process_source
 from data_pipelines.stats import build_stats
-from data_pipelines.tags import CONDITIONS
 from data_pipelines.workload import plan_for
 from data_pipelines.writer import TarShard, shard_file_name, write_if_changed
+from omni_train.contracts import CONDITIONS
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from data_pipelines.tags import CONDITIONS, TIERS
+from omni_train.contracts import CONDITIONS, TIERS
 
 
 def build_stats(

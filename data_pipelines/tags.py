@@ -28,9 +28,6 @@ from collections.abc import Mapping
 
 from data_pipelines.config import TagThresholds
 
-CONDITIONS = ("text", "ref", "audio", "pose")
-TIERS = ("strong", "weak", "none")
-
 
 def text_tier(caption: str, t: TagThresholds) -> str:
     return "strong" if len(caption.strip()) >= max(1, t.text_strong_min_chars) else "weak"

@@ -14,8 +14,8 @@ from data_pipelines.config import ShardConfig
 from data_pipelines.media import encode_mp4
 from data_pipelines.pipeline import run_shard, scan_inputs
 from data_pipelines.samples import source_id
-from data_pipelines.tags import CONDITIONS, TIERS
 from data_pipelines.testing import decode_mp4, read_jsonl, shard_members, write_audio_only
+from omni_train.contracts import CONDITIONS, TIERS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 META_FIELDS = {

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from data_pipelines.config import TagThresholds
-from data_pipelines.tags import CONDITIONS, TIERS, condition_tiers
+from data_pipelines.tags import condition_tiers
+from omni_train.contracts import CONDITIONS, TIERS
 
 T = TagThresholds()
 IMAGE = {"sharpness": 200.0, "motion": 0.02, "contrast": 30.0, "brightness": 0.5}
