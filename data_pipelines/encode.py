@@ -44,6 +44,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipelines.writer import TarShard, write_atomic, write_if_changed
+from omni_train.contracts import CONDITIONS
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -184,7 +185,7 @@ def run_encode(cfg: EncodeConfig, overrides: list[str]) -> dict:
                 meta = json.loads(members["json"])
                 rows.append({"key": raw["__key__"], "shard": f"shards/{shard.name}",
                              "source": meta.get("source"), "quality": {
-                                 c: meta["quality"][c] for c in ("text", "ref", "audio", "pose")}})  # fmt: skip
+                                 c: meta["quality"][c] for c in CONDITIONS}})  # fmt: skip
         except BaseException:
             writer.abort()
             raise

@@ -13,6 +13,12 @@ CONDITIONS: tuple[str, ...] = ("text", "ref", "audio", "pose")
 TIERS: tuple[str, ...] = ("strong", "weak", "none")
 # Tiers that can ever train a condition; "none" never does.
 TRAINABLE_TIERS: tuple[str, ...] = ("strong", "weak")
+# The conditions on per task; each task adds one condition to the one before.
+TASK_CONDITIONS: dict[str, tuple[str, ...]] = {
+    "text": CONDITIONS[:2],
+    "audio": CONDITIONS[:3],
+    "pose": CONDITIONS,
+}
 
 # The causal 3D VAE: 8x8 pixels a latent cell; latent frame 0 is pixel frame 0 alone and
 # latent frame j >= 1 covers pixel frames 4j-3 .. 4j, so a clip has 1 + 4k pixel frames.

@@ -17,19 +17,13 @@ from typing import Any
 
 import torch
 
-from omni_train.contracts import latent_frames
+from omni_train.contracts import CONDITIONS, TASK_CONDITIONS, latent_frames
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import shift_timesteps
 
 AUDIO_SAMPLE_RATE = 16_000
 
-# Conditions on per task, weakest to strongest; each task adds one to the one before.
-TASK_CONDITIONS: dict[str, tuple[str, ...]] = {
-    "text": ("text", "ref"),
-    "audio": ("text", "ref", "audio"),
-    "pose": ("text", "ref", "audio", "pose"),
-}
 
 # (x, t, text_on, audio_on) -> velocity; all batched along dim 0.
 GuidedModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,7 +184,7 @@ def task_flags(task: str, has_caption: bool, device: torch.device | str) -> dict
     if task not in TASK_CONDITIONS:
         raise ValueError(f"task={task!r}: use one of {sorted(TASK_CONDITIONS)}")
     on = TASK_CONDITIONS[task]
-    flags = {name: name in on for name in ("text", "ref", "audio", "pose")}
+    flags = {name: name in on for name in CONDITIONS}
     flags["text"] = flags["text"] and has_caption
     return {name: torch.tensor([value], device=device) for name, value in flags.items()}
 

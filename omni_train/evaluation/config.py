@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from omni_train.diffusion.sampler import TASK_CONDITIONS
+from omni_train.contracts import TASK_CONDITIONS
 from omni_train.evaluation.suite import CLIP_METRICS, SET_METRICS, MetricsConfig
 
 WEIGHT_KEYS: tuple[str, ...] = (

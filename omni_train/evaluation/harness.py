@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from omni_train.config import TrainConfig
-from omni_train.diffusion.sampler import TASK_CONDITIONS, generate_long_video, segment_starts
+from omni_train.contracts import TASK_CONDITIONS
+from omni_train.diffusion.sampler import generate_long_video, segment_starts
 from omni_train.evaluation.baselines import CANDIDATES, DESCRIPTIONS, candidate_videos
 from omni_train.evaluation.clips import HeldOutClip, SkippedClip, held_out_clips, to_uint8
 from omni_train.evaluation.config import EvaluateConfig

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from omni_train.contracts import CONDITIONS, key_hash
+from omni_train.contracts import CONDITIONS, TASK_CONDITIONS, TRAINABLE_TIERS, key_hash
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
@@ -57,12 +57,6 @@ log = logging.getLogger(__name__)
 # The condition a task adds, and every condition it may turn on (paper §3.4: turning a
 # condition on turns on every weaker one too).
 TASK_CONDITION: dict[str, str] = {"text": "text", "audio": "audio", "pose": "pose"}
-TASK_CONDITIONS: dict[str, tuple[str, ...]] = {
-    "text": ("text", "ref"),
-    "audio": ("text", "ref", "audio"),
-    "pose": CONDITIONS,
-}
-USABLE_TIERS: tuple[str, ...] = ("strong", "weak")
 
 
 # ----------------------------------------------------------------------------- fixed choices
@@ -101,7 +95,7 @@ def usable(cond: str, quality: Mapping[str, str], has_audio: bool) -> bool:
     """Whether a clip's tag (and, for audio, its track) lets ``cond`` be on."""
     if cond == "audio" and not has_audio:
         return False
-    return quality.get(cond, "none") in USABLE_TIERS
+    return quality.get(cond, "none") in TRAINABLE_TIERS
 
 
 def clip_tasks(quality: Mapping[str, str], has_audio: bool, tasks: Sequence[str]) -> list[str]:
