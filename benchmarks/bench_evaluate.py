@@ -55,7 +55,7 @@ def forward_floor(checkpoint: Path, frames_generated: list[int]) -> float:
     """Seconds of the denoiser's forward calls alone for the given generation lengths."""
     from omni_train.contracts import latent_frames
     from omni_train.diffusion.sampler import segment_starts
-    from omni_train.sample import load_run
+    from omni_train.runs import load_run
 
     run = load_run(checkpoint)
     data, diffusion = run.cfg.data, run.cfg.diffusion

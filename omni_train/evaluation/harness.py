@@ -73,7 +73,7 @@ class Timings:
 
 def resolve_target(cfg: EvaluateConfig) -> Target:
     """Validate the config, find the checkpoint and read its run config (no weights)."""
-    from omni_train.sample import read_run_config, resolve_checkpoint
+    from omni_train.runs import read_run_config, resolve_checkpoint
     from omni_train.trainer.checkpoint import COMPLETE_MARKER
 
     cfg.validate()
@@ -171,7 +171,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     """Run the evaluation; returns the path of eval.json."""
     from dataclasses import replace
 
-    from omni_train.sample import load_run
+    from omni_train.runs import load_run
 
     started = time.perf_counter()
     target = resolve_target(cfg)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from omni_train.sample import output_frames, resolve_checkpoint
+from omni_train.runs import resolve_checkpoint
+from omni_train.sample import output_frames
 
 
 def test_output_length_follows_seconds_or_audio_and_spans_two_segments():
@@ -82,7 +83,7 @@ def _checkpoint(tmp_path, **targets: str):
 
 
 def test_a_checkpoint_naming_foreign_code_is_refused_before_it_is_imported(tmp_path, monkeypatch):
-    from omni_train.sample import UntrustedCheckpointCode, load_run, read_run_config
+    from omni_train.runs import UntrustedCheckpointCode, load_run, read_run_config
 
     (tmp_path / "foreign_parts.py").write_text(IMPORT_MARKER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -112,7 +113,7 @@ def test_a_checkpoint_naming_foreign_code_is_refused_before_it_is_imported(tmp_p
 
 def test_trusted_foreign_targets_and_project_targets_are_built(tmp_path):
     from omni_train.models.adapters import AdapterError
-    from omni_train.sample import load_run, read_run_config
+    from omni_train.runs import load_run, read_run_config
 
     folder = _checkpoint(tmp_path / "a", vae="copy.copy")
     assert read_run_config(folder, trust_checkpoint_code=True).model.vae._target_ == "copy.copy"
@@ -128,7 +129,7 @@ def test_trusted_foreign_targets_and_project_targets_are_built(tmp_path):
 def test_evaluation_refuses_foreign_code_before_reading_clips(tmp_path):
     from omni_train.evaluation.config import EvaluateConfig
     from omni_train.evaluation.harness import resolve_target
-    from omni_train.sample import UntrustedCheckpointCode
+    from omni_train.runs import UntrustedCheckpointCode
 
     folder = _checkpoint(tmp_path, text_encoder="os.system")
     cfg = EvaluateConfig(checkpoint=str(folder), shards=str(tmp_path / "none-*.tar"))

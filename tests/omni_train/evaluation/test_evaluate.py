@@ -117,7 +117,7 @@ def test_evaluation_is_repeatable_from_a_run_dir_or_a_step_folder(setup):
 
     # the static baseline's PSNR, computed here from the decoded clip and frame 3
     from omni_train.evaluation.clips import held_out_clips, to_uint8
-    from omni_train.sample import load_run
+    from omni_train.runs import load_run
 
     run = load_run(root / "run")
     (decoded,) = [
@@ -224,7 +224,7 @@ def test_pose_task_drives_the_model_with_the_clip_keypoints(setup):
 def test_clips_the_task_or_the_reference_frame_cannot_use_are_skipped_with_reasons(setup):
     root, shards = setup
     from omni_train.evaluation.clips import SkippedClip, held_out_clips
-    from omni_train.sample import load_run
+    from omni_train.runs import load_run
 
     data = load_run(root / "run").cfg.data
     pose = {c.key: c for c in held_out_clips(shards, data, "pose", 17, 0)}
