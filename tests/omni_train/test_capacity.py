@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from omni_train.capacity import CapacityConfig, estimate, model_state_bytes, render
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
-from omni_train.plan import PlanConfig, model_state_bytes, plan, render
 
 
 def _tensor_bytes(tensors) -> int:
@@ -41,9 +41,9 @@ def test_zero_stages_shard_progressively():
     assert totals[3] == pytest.approx(full / 8)
 
 
-def test_plan_of_the_tiny_model_renders_stages_and_gpu_days():
-    cfg = PlanConfig(resolution=[64, 64], num_frames=17, num_gpus=8, max_steps=60)
-    result = plan(cfg)
+def test_estimate_of_the_tiny_model_renders_stages_and_gpu_days():
+    cfg = CapacityConfig(resolution=[64, 64], num_frames=17, num_gpus=8, max_steps=60)
+    result = estimate(cfg)
     assert sum(s["steps"] for s in result["stages"]) == 60
     assert result["step_time_s"] > 0
     text = render(cfg, result)
@@ -52,4 +52,4 @@ def test_plan_of_the_tiny_model_renders_stages_and_gpu_days():
 
 def test_unknown_gpu_is_explained():
     with pytest.raises(ValueError, match="gpu='V1'"):
-        plan(PlanConfig(resolution=[64, 64], num_frames=17, gpu="V1"))
+        estimate(CapacityConfig(resolution=[64, 64], num_frames=17, gpu="V1"))

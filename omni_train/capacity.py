@@ -1,7 +1,7 @@
 """Capacity planner: memory per GPU per ZeRO stage, step time at an assumed MFU, GPU-days
 per curriculum stage, for a model preset on a given corpus and cluster.
 
-    python -m omni_train.plan model=7b resolution=[512,512] num_frames=97 corpus_hours=18700 \
+    python -m omni_train.capacity model=7b resolution=[512,512] num_frames=97 corpus_hours=18700 \
         gpu=H100 num_gpus=256 mfu=0.35
 
 Model states follow the ZeRO paper's accounting for Adam (psi = trainable parameters, N =
@@ -26,7 +26,7 @@ from omni_train.curriculum.config import CurriculumConfig
 from omni_train.models.config import ModelConfig
 from omni_train.trainer.throughput import gpu_peak, peak_for_precision
 
-log = logging.getLogger("omni_train.plan")
+log = logging.getLogger("omni_train.capacity")
 GIB = 2**30
 # Memory (GiB) of the GPUs the planner knows; their peaks are the table MFU is measured
 # against (omni_train.trainer.throughput.GPU_PEAKS), at the plan's precision.
@@ -41,7 +41,7 @@ GPU_MEMORY_GB: dict[str, float] = {
 
 
 @dataclass
-class PlanConfig:
+class CapacityConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     resolution: list[int] = field(default_factory=lambda: [512, 512])
@@ -80,7 +80,7 @@ def activation_bytes(model: ModelConfig, tokens: int, micro_batch: int, precisio
     return per_token_layer * tokens * model.dit.depth * micro_batch * scale
 
 
-def plan(cfg: PlanConfig) -> dict[str, Any]:
+def estimate(cfg: CapacityConfig) -> dict[str, Any]:
     from omni_train.models.summary import model_summary
 
     if cfg.gpu not in GPU_MEMORY_GB:
@@ -132,7 +132,7 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
     }
 
 
-def render(cfg: PlanConfig, result: dict[str, Any]) -> str:
+def render(cfg: CapacityConfig, result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
         f"model {cfg.model.name}: {s['trainable_params'] / 1e9:.3f}B trainable, "
@@ -163,13 +163,13 @@ def render(cfg: PlanConfig, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
+ConfigStore.instance().store(name="capacity_schema", node=CapacityConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="plan")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="capacity")
 def main(raw: DictConfig) -> None:
-    cfg: PlanConfig = OmegaConf.to_object(raw)
-    print(render(cfg, plan(cfg)))
+    cfg: CapacityConfig = OmegaConf.to_object(raw)
+    print(render(cfg, estimate(cfg)))
 
 
 if __name__ == "__main__":
