@@ -1,9 +1,10 @@
-"""Checks that need more than types: they run before any process group or worker starts."""
+"""Checks across configs (each config checks its own fields in its validate()); they run
+before any process group or worker starts."""
 
 from __future__ import annotations
 
 from omni_train.config import TrainConfig
-from omni_train.contracts import SPATIAL_STRIDE, is_causal_frame_count
+from omni_train.contracts import SPATIAL_STRIDE
 from omni_train.curriculum import validate_curriculum
 from omni_train.data.stream import shard_list
 from omni_train.trainer.config import VAL_TASKS
@@ -23,11 +24,6 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
         cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    frames = cfg.data.num_frames
-    if not is_causal_frame_count(frames):
-        raise ConfigError(
-            f"data.num_frames={frames}: the causal VAE needs 1 + 4k frames (e.g. 17 or 33)"
-        )
     patch = cfg.model.dit.patch_size
     for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
         if size % (SPATIAL_STRIDE * patch):
