@@ -29,10 +29,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data_pipelines.pipeline import PARTS_DIR, part_dir, write_outputs
-from data_pipelines.progress import SHARD_DIR
-from data_pipelines.stats import format_summary
-from data_pipelines.status import (
+from data_pipelines.part_states import (
     NOT_MERGEABLE,
     PartState,
     array_list,
@@ -41,6 +38,9 @@ from data_pipelines.status import (
     read_jsonl,
     to_resubmit,
 )
+from data_pipelines.pipeline import PARTS_DIR, part_dir, write_outputs
+from data_pipelines.progress import SHARD_DIR
+from data_pipelines.stats import format_summary
 from data_pipelines.writer import shard_file_name
 
 log = logging.getLogger(__name__)

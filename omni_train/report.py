@@ -30,6 +30,7 @@ from typing import Any
 
 from omni_train.contracts import CONDITIONS
 from omni_train.trainer.checkpoint import complete_checkpoints
+from omni_train.trainer.metrics import read_metrics
 
 EVAL_JSON = Path("eval") / "eval.json"
 # The table's and the PNG's validation losses: the overall one and one per task
@@ -37,15 +38,6 @@ EVAL_JSON = Path("eval") / "eval.json"
 TASK_VAL_KEY = re.compile(r"^val/loss(_[A-Za-z]+)?$")
 # Keys that differ between any two runs without being an ablation choice.
 NOT_OVERRIDES: tuple[str, ...] = ("run_dir",)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
 
 
 def training_rows(rows: list[dict]) -> list[dict]:

@@ -88,7 +88,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
 def metric_rows(run_dir: str | Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl``."""
-    from omni_train.report import read_metrics
+    from omni_train.trainer.metrics import read_metrics
 
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 

@@ -71,7 +71,7 @@ def metric_table(reports: list[dict], labels: list[str]) -> tuple[list[str], lis
 
 def val_loss_change(run_dir: Path) -> list[list[str]]:
     """Per val/loss key of the run: value at the first and at the last validation step."""
-    from omni_train.report import read_metrics
+    from omni_train.trainer.metrics import read_metrics
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r]
     if not rows:

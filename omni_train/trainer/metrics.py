@@ -20,6 +20,16 @@ log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_run_id.json"
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop rows logged after ``last_step`` (they are redone after a resume)."""
     if not path.exists():

@@ -19,8 +19,8 @@ from data_pipelines import samples
 from data_pipelines.config import ShardConfig
 from data_pipelines.media import encode_mp4
 from data_pipelines.merge import run_merge
+from data_pipelines.part_states import inspect_parts
 from data_pipelines.pipeline import part_dir, run_shard, scan_inputs
-from data_pipelines.status import inspect_parts
 from data_pipelines.testing import read_jsonl, shard_members
 from data_pipelines.workload import (
     _publish,

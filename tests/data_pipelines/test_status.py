@@ -12,8 +12,9 @@ import pytest
 
 from data_pipelines import pipeline, progress
 from data_pipelines.config import ShardConfig
+from data_pipelines.part_states import array_list, format_seconds, inspect_parts
 from data_pipelines.pipeline import part_dir
-from data_pipelines.status import array_list, format_seconds, inspect_parts, show_status
+from data_pipelines.status import show_status
 from data_pipelines.testing import read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
