@@ -8,6 +8,8 @@ video frame tokens followed by any extra tokens (the reference), which skip the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +45,19 @@ def _mlp(hidden_size: int, mlp_ratio: float) -> nn.Sequential:
     )
 
 
+class Modulation(NamedTuple):
+    """A block's adaLN-Zero modulation of one stream, named and ordered as DiT writes it:
+    shift/scale/gate around attention (msa), then around the MLP. A stream that only lends
+    keys and values (the last block's text stream) has the first two only."""
+
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor | None = None
+    shift_mlp: torch.Tensor | None = None
+    scale_mlp: torch.Tensor | None = None
+    gate_mlp: torch.Tensor | None = None
+
+
 class Stream(nn.Module):
     """One modality's weights in a block. Without ``emits_output`` (the text stream of the last
     block) it only lends keys and values to the joint attention."""
@@ -55,7 +70,7 @@ class Stream(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden_size, (3 if emits_output else 2) * hidden_size)
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
-        # shift/scale for attention input, and (with output) gate, shift/scale/gate for the MLP
+        # Modulation's fields in order: 6 with output, else shift/scale for the attention input.
         self.modulation = _zero_linear(hidden_size, (6 if emits_output else 2) * hidden_size)
         if emits_output:
             self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
@@ -63,10 +78,15 @@ class Stream(nn.Module):
             self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
             self.mlp = _mlp(hidden_size, mlp_ratio)
 
+    def modulate_by(self, cond: torch.Tensor) -> Modulation:
+        """``cond``: the silu-activated conditioning vector (B, hidden)."""
+        return Modulation(*self.modulation(cond).chunk(6 if self.emits_output else 2, dim=-1))
+
     def project(
-        self, x: torch.Tensor, mod: list[torch.Tensor]
+        self, x: torch.Tensor, mod: Modulation
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        heads = _split_heads(self.qkv(modulate(self.norm1(x), mod[0], mod[1])), self.num_heads)
+        modulated = modulate(self.norm1(x), mod.shift_msa, mod.scale_msa)
+        heads = _split_heads(self.qkv(modulated), self.num_heads)
         if self.emits_output:
             q, k, v = heads.chunk(3, dim=-1)
             return self.q_norm(q), self.k_norm(k), v
@@ -74,12 +94,13 @@ class Stream(nn.Module):
         return None, self.k_norm(k), v
 
     def after_attention(
-        self, x: torch.Tensor, attended: torch.Tensor, mod: list[torch.Tensor]
+        self, x: torch.Tensor, attended: torch.Tensor, mod: Modulation
     ) -> torch.Tensor:
-        return x + mod[2][:, None] * self.attn_out(attended)
+        return x + mod.gate_msa[:, None] * self.attn_out(attended)
 
-    def feed_forward(self, x: torch.Tensor, mod: list[torch.Tensor]) -> torch.Tensor:
-        return x + mod[5][:, None] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+    def feed_forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        modulated = modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp)
+        return x + mod.gate_mlp[:, None] * self.mlp(modulated)
 
 
 class FrameAudioCrossAttention(nn.Module):
@@ -143,8 +164,7 @@ class MMDiTBlock(nn.Module):
         """text (B, Lt, h), video (B, Nv, h), cond (B, h), key_mask (B, 1, 1, Lt + Nv) bool;
         the first ``num_frame_tokens`` video-stream tokens are frame tokens."""
         cond = nn.functional.silu(cond)
-        text_mod = self.text.modulation(cond).chunk(6 if self.text.emits_output else 2, dim=-1)
-        video_mod = self.video.modulation(cond).chunk(6, dim=-1)
+        text_mod, video_mod = self.text.modulate_by(cond), self.video.modulate_by(cond)
         q_t, k_t, v_t = self.text.project(text, text_mod)
         q_v, k_v, v_v = self.video.project(video, video_mod)
         q_v, k_v = apply_rope(q_v, rope_cos, rope_sin), apply_rope(k_v, rope_cos, rope_sin)
