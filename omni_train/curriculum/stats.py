@@ -120,9 +120,8 @@ class StageTotals:
 
     def __init__(self, cfg: CurriculumConfig, state: Mapping | None = None) -> None:
         self.cfg = cfg
-        self.totals: dict[int, dict[str, float]] = {
-            int(k): dict(v) for k, v in (state or {}).items()
-        }
+        self.totals: dict[int, dict[str, float]] = {}
+        self.load_state_dict(state or {})
 
     def update(self, step: int, counts: Mapping[str, float]) -> dict[str, float]:
         """Add counts of ``step``'s stage; returns their ratios plus the stage's running ones.
@@ -139,6 +138,9 @@ class StageTotals:
 
     def state_dict(self) -> dict[str, dict[str, float]]:
         return {str(k): dict(v) for k, v in self.totals.items()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.totals = {int(k): dict(v) for k, v in state.items()}
 
 
 class CurriculumMeter:
@@ -186,7 +188,12 @@ class CurriculumMeter:
         return out
 
     def state_dict(self) -> dict[str, dict[str, float]]:
+        """The stage-so-far totals (counts since the last flush are not kept)."""
         return self.totals.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.totals.load_state_dict(state)
+        self._pending[:] = 0
 
 
 def _task_keys() -> list[str]:

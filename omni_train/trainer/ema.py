@@ -50,8 +50,14 @@ class ShardedEMA:
         self.rank = rank
         self.world_size = world_size
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the average at the current weights (a new run's, or a resumed run's whose
+        checkpoint holds no average)."""
         self.shadow = {
-            name: _local_slice(p, rank, world_size).detach().float().clone()
+            name: _local_slice(p, self.rank, self.world_size).detach().float().clone()
             for name, p in self.params.items()
         }
 
@@ -93,6 +99,13 @@ class ShardedEMA:
                 shape = tuple(getattr(param, "ds_shape", param.shape))
                 full[name] = torch.cat(parts)[:numel].view(shape).cpu()
         return full if is_main else None
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full average on the main rank (None elsewhere); every rank must call."""
+        return self.gather(self.rank == 0)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.load_full(state)
 
     @torch.no_grad()
     def load_full(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,6 +1,6 @@
 """What both trainers (denoiser and VAE) do the same way around their own model and losses:
-prepare the run dir, build the DeepSpeed engine, load a resume checkpoint, stage and publish
-a checkpoint, and the validate-then-run entry point.
+prepare the run dir, build the DeepSpeed engine, stop for a preemption, and the
+validate-then-run entry point. Saving and resuming is omni_train.trainer.checkpoint_manager.
 
 Functions that log take the caller's logger, so log lines keep naming the trainer.
 """
@@ -26,17 +26,8 @@ from omni_train.trainer.config import TrainerConfig
 from omni_train.trainer.distributed import DistInfo, init_distributed
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.lr_schedule import lr_lambda
-from omni_train.trainer.metrics import wandb_run_id
 from omni_train.trainer.preemption import PREEMPTED_MARKER, PreemptionError, SignalFlag
-from omni_train.trainer.run_state import (
-    ResumePlan,
-    loader_file,
-    plan_resume,
-    read_json,
-    restore_rng,
-    rng_file,
-)
-from omni_train.trainer.universal import clear_universal, convert_to_universal, universal_root
+from omni_train.trainer.run_state import ResumePlan, plan_resume
 from omni_train.validate import ConfigError
 
 
@@ -86,7 +77,7 @@ class RunStart:
 
 
 def start_run(
-    tcfg: TrainerConfig,
+    trainer_cfg: TrainerConfig,
     run_dir: str | Path,
     seed: int,
     batch_size: int,
@@ -95,21 +86,21 @@ def start_run(
 ) -> RunStart:
     """Join the process group, prepare the run dir, find the checkpoint to resume and write
     this run's configs: the start every trainer shares."""
-    signals = SignalFlag(tcfg.preemption.signals)
+    signals = SignalFlag(trainer_cfg.preemption.signals)
     with signals.restored_on_error():
         dist_info = init_distributed(
-            tcfg.dist_backend, tcfg.dist_timeout_minutes, tcfg.cpu_shm_comm
+            trainer_cfg.dist_backend, trainer_cfg.dist_timeout_minutes, trainer_cfg.cpu_shm_comm
         )
         run_dir = Path(run_dir)
         ckpt_root = run_dir / "checkpoints"
         prepare_run_dir(run_dir, ckpt_root, dist_info.is_main, log)
         plan = plan_resume(ckpt_root, seed)
-        ds_cfg = engine_config(tcfg, batch_size, dist_info, plan, run_dir, resolved)
+        ds_cfg = engine_config(trainer_cfg, batch_size, dist_info, plan, run_dir, resolved)
     return RunStart(dist_info, run_dir, ckpt_root, plan, ds_cfg, signals)
 
 
 def engine_config(
-    tcfg: TrainerConfig,
+    trainer_cfg: TrainerConfig,
     batch_size: int,
     dist_info: DistInfo,
     plan: ResumePlan | None,
@@ -120,7 +111,7 @@ def engine_config(
     (config.yaml, deepspeed_config.json) into the run dir."""
     resized = plan is not None and plan.resized(dist_info.world_size)
     ds_cfg = deepspeed_config(
-        tcfg,
+        trainer_cfg,
         batch_size,
         dist_info.world_size,
         cuda=dist_info.device.type == "cuda",
@@ -135,13 +126,13 @@ def engine_config(
 def build_engine(
     model: torch.nn.Module,
     params: Iterable[Any],
-    tcfg: TrainerConfig,
+    trainer_cfg: TrainerConfig,
     ds_cfg: dict[str, Any],
 ) -> tuple[Any, Any]:
     """(engine, lr scheduler): AdamW over params with the configured schedule, in DeepSpeed."""
     import deepspeed
 
-    opt = tcfg.optimizer
+    opt = trainer_cfg.optimizer
     optimizer = torch.optim.AdamW(
         params,
         lr=opt.lr,
@@ -149,92 +140,11 @@ def build_engine(
         eps=opt.eps,
         weight_decay=opt.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt, tcfg.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt, trainer_cfg.max_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
     return engine, scheduler
-
-
-def load_resumed(
-    engine: Any,
-    plan: ResumePlan,
-    resized: bool,
-    dist_info: DistInfo,
-    ckpt_root: Path,
-    run_dir: Path,
-    log: logging.Logger,
-) -> None:
-    """Load weights, optimizer and lr schedule of plan.checkpoint; when the world size changed,
-    through a universal checkpoint converted by the main rank."""
-    load_dir = ckpt_root
-    if resized:
-        if dist_info.is_main:
-            convert_to_universal(plan.checkpoint, run_dir)
-        dist.barrier()
-        load_dir = universal_root(run_dir)
-    with ckpt.weights_only_loads():
-        loaded, _ = engine.load_checkpoint(
-            str(load_dir),
-            tag=plan.checkpoint.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-    if loaded is None:  # DeepSpeed found nothing to load: training on would start from scratch
-        raise RuntimeError(
-            f"DeepSpeed loaded nothing from {load_dir / plan.checkpoint.name} (resuming "
-            f"{plan.checkpoint}): its model/optimizer files are missing or unreadable. Restore "
-            f"them, or move {plan.checkpoint} out of {ckpt_root} to resume from an older "
-            "checkpoint"
-        )
-    log.info("resumed from %s (step %d)", plan.checkpoint, plan.step)
-
-
-def restore_rank_state(plan: ResumePlan, rank: int) -> dict | None:
-    """Restore this rank's RNG state (when saved) and return its data loader state."""
-    rng = plan.checkpoint / rng_file(rank)
-    if rng.is_file():
-        restore_rng(read_json(rng))
-    return read_json(plan.checkpoint / loader_file(rank))
-
-
-def stage_checkpoint(engine: Any, ckpt_root: Path, step: int, is_main: bool) -> Path:
-    """Write the engine state into a fresh staging dir (every rank its own shards)."""
-    staging = ckpt.staging_dir(ckpt_root, step)
-    if is_main:
-        ckpt.clear_staging(ckpt_root)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=staging.name, save_latest=False)
-    return staging
-
-
-def write_rank_state(staging: Path, rank: int, loader_state: dict, rng_state: dict) -> None:
-    """This rank's data loader position and RNG state, read back by restore_rank_state."""
-    ckpt.write_json_atomic(staging / loader_file(rank), loader_state)
-    ckpt.write_json_atomic(staging / rng_file(rank), rng_state)
-
-
-def publish_checkpoint(
-    staging: Path,
-    meta: dict[str, Any],
-    run_dir: Path,
-    resolved: dict[str, Any],
-    keep_last: int,
-    wandb_enabled: bool,
-    log: logging.Logger,
-) -> Path:
-    """Main rank: add config.yaml, publish staging under its final name, prune old
-    checkpoints and the universal copy; returns the published checkpoint."""
-    (staging / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    if wandb_enabled:
-        meta["wandb_run_id"] = wandb_run_id(run_dir)
-    final = ckpt.publish(staging, meta)
-    for old in ckpt.prune(staging.parent, keep_last):
-        log.info("removed old checkpoint %s", old)
-    clear_universal(run_dir)
-    log.info("saved checkpoint %s", final)
-    return final
 
 
 def write_preempted_marker(
@@ -258,9 +168,11 @@ class Preemptible(Protocol):
     """What stop_for_preemption needs of a trainer."""
 
     run_dir: Path
-    global_step: int
     cfg: Any
     dist: DistInfo
+
+    @property
+    def global_step(self) -> int: ...
 
     def save(self, reason: str = ...) -> Path: ...
 

@@ -1,8 +1,11 @@
-"""Per-rank state saved beside the DeepSpeed files: RNG streams and the resume plan.
+"""The run state a checkpoint keeps beside DeepSpeed's files, and the resume plan.
 
-Losses do not depend on these RNG streams (every step's noise comes from a generator seeded
-by (seed, step, rank, micro-batch)), but anything else that draws from the global streams
-(dropout, user code) resumes exactly too. Everything is JSON: no pickles in checkpoints.
+Each piece is checkpoint state in the sense of torch's ``Stateful`` protocol
+(``state_dict()`` / ``load_state_dict()``): the counters (``TrainState``, saved in
+complete.json) and every rank's global random streams (``RNGState``). Losses do not depend on
+these RNG streams (every step's noise comes from a generator seeded by (seed, step, rank,
+micro-batch)), but anything else that draws from the global streams (dropout, user code)
+resumes exactly too. Everything is JSON: no pickles in checkpoints.
 """
 
 from __future__ import annotations
@@ -18,14 +21,6 @@ import numpy as np
 import torch
 
 from omni_train.trainer import checkpoint as ckpt
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank:05d}.json"
-
-
-def loader_file(rank: int) -> str:
-    return f"loader_rank{rank:05d}.json"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -49,6 +44,16 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+class RNGState:
+    """This process's global random streams (python, numpy, torch, cuda) as checkpoint state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+
+
 def _numpy_state() -> list[Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -64,6 +69,38 @@ def resized_data_seed(seed: int, step: int) -> int:
     """The loader seed after a world-size change: a fresh, reproducible order of the data."""
     digest = hashlib.sha1(f"resize:{seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class TrainState:
+    """The counters a run continues from; its state dict is part of complete.json."""
+
+    step: int = 0  # training steps taken, a step whose update was skipped included
+    data_seed: int = 0  # the loader's seed: the run's seed until a resize starts a new order
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "data_seed": self.data_seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the counters of ``state`` (a checkpoint's meta); one saved without a data
+        seed keeps this run's."""
+        self.step = int(state["step"])
+        self.data_seed = int(state.get("data_seed", self.data_seed))
+
+
+@dataclass
+class DenoiserTrainState(TrainState):
+    """TrainState plus the updates the denoiser trainer skipped for a non-finite loss (the
+    VAE trainer stops at the first one instead)."""
+
+    nonfinite_skipped: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "nonfinite_skipped": self.nonfinite_skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
 
 
 @dataclass(frozen=True)

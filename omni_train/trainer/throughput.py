@@ -1,7 +1,7 @@
 """Throughput figures: tokens and FLOPs per sample, MFU, peak memory.
 
 MFU = model FLOPs per second / (ranks x peak FLOP/s per rank). The model FLOPs per sample
-come from ``omni_train.models.flops.train_flops_per_sample`` (swap ``FLOPS_PER_SAMPLE`` to
+come from ``omni_train.models.flops.train_flops_per_sample`` (swap ``flops_per_sample_fn`` to
 count differently), at the padded text length each sample actually ran with. The peak is
 ``trainer.peak_tflops`` or, when 0, the dense peak of a known CUDA GPU at the run's precision
 (``peak_for_precision``). CPU runs report no MFU unless a peak is given.
@@ -21,7 +21,7 @@ from omni_train.models.config import ModelConfig
 from omni_train.models.flops import token_counts, train_flops_per_sample
 from omni_train.trainer.ds_config import resolve_precision
 
-FLOPS_PER_SAMPLE: Callable[[ModelConfig, Sequence[int], int, int], int] = train_flops_per_sample
+flops_per_sample_fn: Callable[[ModelConfig, Sequence[int], int, int], int] = train_flops_per_sample
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def flops_of_samples(
     padded caption length of its batch (batches pad to their longest caption, not to
     ``max_length``)."""
     per_length = {
-        length: FLOPS_PER_SAMPLE(model_cfg, resolution, num_frames, length)
+        length: flops_per_sample_fn(model_cfg, resolution, num_frames, length)
         for length in set(text_tokens)
     }
     return sum(per_length[length] for length in text_tokens)

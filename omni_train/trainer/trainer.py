@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,38 +19,32 @@ from omni_train.curriculum import (
     stage_at,
 )
 from omni_train.data.elastic import elastic_loader_state
-from omni_train.data.stream import build_loader
+from omni_train.data.stream import ResumableLoader, build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
+from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
 from omni_train.trainer.config import VAL_TASKS
-from omni_train.trainer.ema import EMA_FILE, ShardedEMA
+from omni_train.trainer.ema import ShardedEMA
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import SignalFlag
 from omni_train.trainer.profiling import StepProfiler
 from omni_train.trainer.run_setup import (
+    RunStart,
     agree_across_ranks,
     build_engine,
-    load_resumed,
-    publish_checkpoint,
-    restore_rank_state,
-    stage_checkpoint,
     start_run,
     stop_for_preemption,
-    write_rank_state,
 )
 from omni_train.trainer.run_state import (
+    DenoiserTrainState,
     ResumePlan,
-    capture_rng,
     read_json,
     resized_data_seed,
 )
 from omni_train.trainer.step import StepResult, compute_loss, step_seed
-from omni_train.trainer.weights import consolidated_state, export_weights, frozen_is_random
-
-# Stage-so-far curriculum counts, so per-stage ratios survive a restart.
-CURRICULUM_FILE = "curriculum_counts.json"
+from omni_train.trainer.weights import export_weights, frozen_is_random
 
 log = logging.getLogger(__name__)
 
@@ -81,71 +74,98 @@ def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> lis
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
-        tcfg = cfg.trainer
         self.resolved = resolved
-        start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        start = start_run(cfg.trainer, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
         self.signals = start.signals
         with self.signals.restored_on_error():
-            self._build(start)
+            self.dist, self.run_dir, self.plan = start.dist, start.run_dir, start.plan
+            self.device = self.dist.device
+            self._build_engine(start.ds_cfg)
+            self._build_run_state(start)
+            if self.plan is not None:
+                self._resume(self.plan)
+            self.loader = self.data.build()
+            self._build_observability()
 
-    def _build(self, start) -> None:
-        cfg, tcfg, resolved = self.cfg, self.cfg.trainer, self.resolved
-        self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
-        self.device = self.dist.device
-        self.plan, ds_cfg = start.plan, start.ds_cfg
+    @property
+    def global_step(self) -> int:
+        """Training steps taken (a step whose update was skipped counts too)."""
+        return self.state.step
 
+    # ----------------------------------------------------------------------------- build
+    def _build_engine(self, ds_cfg: dict[str, Any]) -> None:
+        """The frozen encoders and the denoiser in its DeepSpeed engine, with the optimizer
+        and lr schedule."""
+        cfg = self.cfg
         # Same seed on every rank: random-init encoders and the denoiser agree everywhere.
         torch.manual_seed(cfg.seed)
         self.encoders = build_frozen_encoders(cfg.model).to(self.device).eval()
         self.encoders.requires_grad_(False)
         denoiser = build_denoiser(cfg.model)
-        opt_cfg = tcfg.optimizer
+        opt_cfg = cfg.trainer.optimizer
         params = _param_groups(denoiser, opt_cfg.lr, opt_cfg.new_module_lr_scale)
-        self.engine, self.scheduler = build_engine(denoiser, params, tcfg, ds_cfg)
+        self.engine, self.scheduler = build_engine(denoiser, params, cfg.trainer, ds_cfg)
 
-        self.global_step = 0
-        self.data_seed = cfg.seed
-        self.nonfinite_total = 0
-        self.nonfinite_in_row = 0
-        loader_state = self._resume(self.plan) if self.plan is not None else None
+    def _build_run_state(self, start: RunStart) -> None:
+        """What a checkpoint keeps besides the engine (counters, EMA, curriculum counts, data
+        position), and the CheckpointManager that saves and loads it."""
+        cfg, trainer_cfg = self.cfg, self.cfg.trainer
+        self.state = DenoiserTrainState(data_seed=cfg.seed)
+        self.nonfinite_in_row = 0  # not saved: a resumed run starts a new streak
         self.ema = None
-        if tcfg.ema.enabled:
+        if trainer_cfg.ema.enabled:
             self.ema = ShardedEMA(
-                self.engine.module, tcfg.ema, self.dist.rank, self.dist.world_size
+                self.engine.module, trainer_cfg.ema, self.dist.rank, self.dist.world_size
             )
-            if self.plan is not None and (self.plan.checkpoint / EMA_FILE).is_file():
-                from omni_train.models.weights import load_state_dict_file
+        self.curriculum_meter = CurriculumMeter(cfg.curriculum)
+        self.data = LoaderPosition(self._build_loader)
+        self.checkpoints = CheckpointManager(
+            self.engine,
+            start,
+            trainer_cfg,
+            self.resolved,
+            cfg.logger.wandb.enabled,
+            self.state,
+            self.data,
+            log,
+            curriculum=self.curriculum_meter,
+            ema=self.ema,
+        )
 
-                self.ema.load_full(load_state_dict_file(self.plan.checkpoint / EMA_FILE))
-        self.loader = build_loader(
+    def _build_loader(self, position: dict[str, Any] | None) -> ResumableLoader:
+        cfg = self.cfg
+        return build_loader(
             cfg.data,
             self.dist.rank,
             self.dist.world_size,
-            self.data_seed,
-            loader_state,
+            self.state.data_seed,
+            position,
             curriculum=cfg.curriculum,
-            grad_accum=tcfg.grad_accum,
+            grad_accum=cfg.trainer.grad_accum,
         )
-        meter_state = None
-        if self.plan is not None and (self.plan.checkpoint / CURRICULUM_FILE).is_file():
-            meter_state = json.loads((self.plan.checkpoint / CURRICULUM_FILE).read_text())
-        self.curriculum_meter = CurriculumMeter(cfg.curriculum, meter_state)
+
+    def _build_observability(self) -> None:
+        """Throughput figures, the profiler, validation (sampling and loss) and the metrics
+        sinks."""
+        cfg, trainer_cfg = self.cfg, self.cfg.trainer
         self.tokens_per_sample = throughput.tokens_per_sample(
             cfg.model, cfg.data.resolution, cfg.data.num_frames
         )
-        self.peak_tflops = throughput.detect_peak_tflops(tcfg.peak_tflops, tcfg.precision)
-        self.profiler = StepProfiler(tcfg.profiler, self.run_dir / "profile", self.dist.rank)
+        self.peak_tflops = throughput.detect_peak_tflops(
+            trainer_cfg.peak_tflops, trainer_cfg.precision
+        )
+        self.profiler = StepProfiler(trainer_cfg.profiler, self.run_dir / "profile", self.dist.rank)
         self.validator = None
-        if tcfg.validation.every > 0:
+        if trainer_cfg.validation.every > 0:
             from omni_train.trainer.validation import Validator
 
             self.validator = Validator(cfg, self.run_dir, self.dist, self.encoders)
         self.val_loss = None
-        if tcfg.val_every > 0 or tcfg.val_at_start:
+        if trainer_cfg.val_every > 0 or trainer_cfg.val_at_start:
             from omni_train.trainer.val_loss import ValLoss
 
             self.val_loss = ValLoss(
-                tcfg.val_loss,
+                trainer_cfg.val_loss,
                 cfg.data,
                 cfg.diffusion,
                 self.encoders,
@@ -160,17 +180,16 @@ class Trainer:
                 cfg.logger,
                 self.run_dir,
                 cfg.experiment,
-                resolved,
+                self.resolved,
                 self.global_step,
-                tcfg.max_steps,
-                progress_bar=tcfg.progress_bar,
+                trainer_cfg.max_steps,
+                progress_bar=trainer_cfg.progress_bar,
             )
 
     # ----------------------------------------------------------------------------- resume
-    def _resume(self, plan: ResumePlan) -> dict | None:
+    def _resume(self, plan: ResumePlan) -> None:
         world_size = self.dist.world_size
-        resized = plan.resized(world_size)
-        if resized:
+        if plan.resized(world_size):
             log.warning(
                 "%s was saved by %d ranks; this run has %d: resuming from a universal "
                 "checkpoint (weights, optimizer state and data position re-partitioned)",
@@ -178,21 +197,18 @@ class Trainer:
                 plan.saved_world_size,
                 world_size,
             )
-        load_resumed(self.engine, plan, resized, self.dist, self.ckpt_root, self.run_dir, log)
-        self.global_step = plan.step
-        self.nonfinite_total = int(plan.meta.get("nonfinite_skipped", 0))
-        self.data_seed = plan.data_seed
-        if resized:
-            return self._resized_loader_state(plan)
-        return restore_rank_state(plan, self.dist.rank)
+        if self.checkpoints.load(plan):
+            self._redeal_data(plan)
 
-    def _resized_loader_state(self, plan: ResumePlan) -> dict | None:
+    def _redeal_data(self, plan: ResumePlan) -> None:
         """Deal the interrupted epoch's remaining samples out to the new ranks. Saved states
         that cannot be re-dealt stop the run (samples would be skipped or repeated) unless
-        trainer.allow_new_data_order accepts a fresh, reproducible order."""
+        trainer.allow_new_data_order accepts a new, reproducible order."""
         saved = [read_json(p) for p in sorted(plan.checkpoint.glob("loader_rank*.json"))]
         try:
-            return elastic_loader_state(saved, self.dist.rank, self.dist.world_size, self.cfg.data)
+            position = elastic_loader_state(
+                saved, self.dist.rank, self.dist.world_size, self.cfg.data
+            )
         except ValueError as err:
             if not self.cfg.trainer.allow_new_data_order:
                 raise DataOrderError(
@@ -207,42 +223,47 @@ class Trainer:
                 "(trainer.allow_new_data_order=true)",
                 err,
             )
-            self.data_seed = resized_data_seed(plan.data_seed, plan.step)
-            return None
+            self.state.data_seed = resized_data_seed(plan.data_seed, plan.step)
+            return
+        self.data.load_state_dict(position)
 
     # ----------------------------------------------------------------------------- loop
     def run(self) -> None:
-        tcfg = self.cfg.trainer
+        trainer_cfg = self.cfg.trainer
         batches = iter(self.loader)
         flag = self.signals
         try:
             if self.plan is None:  # a fresh start; a resumed run did this before its save
                 self._before_first_update()
-            while self.global_step < tcfg.max_steps:
+            while self.global_step < trainer_cfg.max_steps:
                 started = time.perf_counter()
                 with self.profiler.step(self.global_step):
                     result, data_wait, finite, stop = self._train_step(batches, flag)
-                self.global_step += 1
+                self.state.step += 1
                 elapsed = time.perf_counter() - started
                 self._after_update(finite)
                 val = None
-                if tcfg.val_every > 0 and self.global_step % tcfg.val_every == 0:
+                if trainer_cfg.val_every > 0 and self.global_step % trainer_cfg.val_every == 0:
                     val = self._val_metrics()
                 if (
-                    self.global_step % tcfg.log_every == 0
-                    or self.global_step == tcfg.max_steps
+                    self.global_step % trainer_cfg.log_every == 0
+                    or self.global_step == trainer_cfg.max_steps
                     or val is not None
                 ):
                     self._log(result, elapsed, data_wait, finite, val)
-                if self.nonfinite_in_row >= tcfg.nonfinite.max_consecutive:
+                if self.nonfinite_in_row >= trainer_cfg.nonfinite.max_consecutive:
                     self._stop_nonfinite()
                 if stop:
                     self._stop_preempted(flag)
                 saved = None
-                if self.global_step % tcfg.save_every == 0 or self.global_step == tcfg.max_steps:
+                if (
+                    self.global_step % trainer_cfg.save_every == 0
+                    or self.global_step == trainer_cfg.max_steps
+                ):
                     saved = self.save()
                 validated = (
-                    self.validator is not None and self.global_step % tcfg.validation.every == 0
+                    self.validator is not None
+                    and self.global_step % trainer_cfg.validation.every == 0
                 )
                 if validated:
                     self._validate()
@@ -260,10 +281,10 @@ class Trainer:
             log.info("training finished at step %d; run dir %s", self.global_step, self.run_dir)
 
     def _before_first_update(self) -> None:
-        tcfg = self.cfg.trainer
-        if self.val_loss is not None and tcfg.val_at_start:
+        trainer_cfg = self.cfg.trainer
+        if self.val_loss is not None and trainer_cfg.val_at_start:
             self._log_before_training(self._val_metrics())
-        if tcfg.save_at_start:
+        if trainer_cfg.save_at_start:
             self.save(reason=START_REASON)
 
     def _after_update(self, finite: bool) -> None:
@@ -272,7 +293,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.global_step)
             return
-        self.nonfinite_total += 1
+        self.state.nonfinite_skipped += 1
         self.nonfinite_in_row += 1
         # The skipped update did not step the engine's schedule; keep lr tied to the step.
         self.scheduler.step()
@@ -281,7 +302,7 @@ class Trainer:
                 "step %d: non-finite loss, update skipped (%d in a row, %d in total)",
                 self.global_step,
                 self.nonfinite_in_row,
-                self.nonfinite_total,
+                self.state.nonfinite_skipped,
             )
 
     def _stop_nonfinite(self) -> None:
@@ -406,7 +427,7 @@ class Trainer:
             data_wait_s=data_wait,
             data_wait_frac=data_wait / max(elapsed, 1e-9),
             num_motion_latents=result.num_motion_latents,
-            nonfinite_skipped=self.nonfinite_total,
+            nonfinite_skipped=self.state.nonfinite_skipped,
             update_skipped=int(not finite),
         )
         if len(lrs) > 1:
@@ -424,45 +445,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- save
     def save(self, reason: str = "cadence") -> Path:
+        """Checkpoint the current step (every rank must call it); returns its folder."""
         step = self.global_step
-        staging = stage_checkpoint(self.engine, self.ckpt_root, step, self.dist.is_main)
-        write_rank_state(staging, self.dist.rank, self.loader.state_dict(), capture_rng())
-        state = consolidated_state(self.engine, self.dist.is_main)
-        ema_state = self.ema.gather(self.dist.is_main) if self.ema is not None else None
-        if self.dist.is_main:
-            export_weights(self.engine, self.encoders, self.cfg.model, staging, True, state=state)
-            if ema_state is not None:
-                from omni_train.models.weights import save_safetensors
+        return self.checkpoints.save(
+            reason,
+            self._export_weights,
+            stage=stage_at(self.cfg.curriculum, max(step - 1, 0))[0] + 1,
+            frozen_encoders_saved=frozen_is_random(self.cfg.model),
+            ema=self.ema is not None,
+            **{ckpt.PINNED: reason == START_REASON},
+        )
 
-                save_safetensors({**state, **ema_state}, staging / EMA_FILE)
-        dist.barrier()
-        final = staging.with_name(ckpt.checkpoint_name(step))
-        if self.dist.is_main:
-            ckpt.write_json_atomic(staging / CURRICULUM_FILE, self.curriculum_meter.state_dict())
-            meta = {
-                "step": step,
-                "world_size": self.dist.world_size,
-                "stage": stage_at(self.cfg.curriculum, max(step - 1, 0))[0] + 1,
-                "zero_stage": self.cfg.trainer.zero_stage,
-                "frozen_encoders_saved": frozen_is_random(self.cfg.model),
-                "data_seed": self.data_seed,
-                "nonfinite_skipped": self.nonfinite_total,
-                "ema": self.ema is not None,
-                "reason": reason,
-                ckpt.PINNED: reason == START_REASON,
-                "time": time.time(),
-            }
-            final = publish_checkpoint(
-                staging,
-                meta,
-                self.run_dir,
-                self.resolved,
-                self.cfg.trainer.keep_last,
-                self.cfg.logger.wandb.enabled,
-                log,
-            )
-        dist.barrier()
-        return final
+    def _export_weights(self, staging: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The denoiser's weights (and random-init encoders') for sampling, beside the
+        checkpoint."""
+        export_weights(self.engine, self.encoders, self.cfg.model, staging, True, state=weights)
 
     # ----------------------------------------------------------------------------- validate
     def _val_metrics(self) -> dict[str, float]:

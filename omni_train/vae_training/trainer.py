@@ -14,25 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from omni_train.data.stream import build_loader
+from omni_train.data.stream import ResumableLoader, build_loader
 from omni_train.models.encoders import build_vae
 from omni_train.models.vae import vae_arch, vae_file_metadata
 from omni_train.models.weights import save_safetensors
-from omni_train.trainer import checkpoint as ckpt
+from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import SignalFlag
 from omni_train.trainer.run_setup import (
+    RunStart,
     agree_across_ranks,
     build_engine,
-    load_resumed,
-    publish_checkpoint,
-    restore_rank_state,
-    stage_checkpoint,
     start_run,
     stop_for_preemption,
-    write_rank_state,
 )
-from omni_train.trainer.run_state import ResumePlan, capture_rng, resized_data_seed
+from omni_train.trainer.run_state import ResumePlan, TrainState, resized_data_seed
 from omni_train.trainer.step import step_seed
 from omni_train.vae_training.config import TrainVAEConfig
 from omni_train.vae_training.losses import vae_losses
@@ -83,87 +79,112 @@ class VAEMetricsLogger(MetricsLogger):
 class VAETrainer:
     def __init__(self, cfg: TrainVAEConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
-        tcfg = cfg.trainer
         self.resolved = resolved
-        start = start_run(tcfg, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
+        start = start_run(cfg.trainer, cfg.run_dir, cfg.seed, cfg.data.batch_size, resolved, log)
         self.signals = start.signals
         with self.signals.restored_on_error():
-            self._build(start)
+            self.dist, self.run_dir, self.plan = start.dist, start.run_dir, start.plan
+            self.device = self.dist.device
+            self._build_engine(start.ds_cfg)
+            self._build_run_state(start)
+            if self.plan is not None:
+                self._resume(self.plan)
+            self.loader = self.data.build()
+            self._build_evaluation()
+            self._build_observability()
 
-    def _build(self, start) -> None:
-        cfg, tcfg, resolved = self.cfg, self.cfg.trainer, self.resolved
-        self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
-        self.device = self.dist.device
-        self.plan, ds_cfg = start.plan, start.ds_cfg
+    @property
+    def global_step(self) -> int:
+        return self.state.step
 
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    # ----------------------------------------------------------------------------- build
+    def _build_engine(self, ds_cfg: dict[str, Any]) -> None:
+        """The VAE in its DeepSpeed engine, with the optimizer and lr schedule."""
+        torch.manual_seed(self.cfg.seed)  # same initial weights on every rank
         # model.vae.pretrained starts from given weights (fine-tuning); "" from random init.
-        vae = build_vae(cfg.model.vae)
-        self.engine, self.scheduler = build_engine(vae, vae.parameters(), tcfg, ds_cfg)
-        self.global_step = 0
-        self.data_seed = cfg.seed
-        loader_state = self._resume(self.plan) if self.plan is not None else None
-        self.loader = build_loader(
-            cfg.data,
+        vae = build_vae(self.cfg.model.vae)
+        self.engine, self.scheduler = build_engine(vae, vae.parameters(), self.cfg.trainer, ds_cfg)
+
+    def _build_run_state(self, start: RunStart) -> None:
+        """What a checkpoint keeps besides the engine (counters, data position), and the
+        CheckpointManager that saves and loads it."""
+        self.state = TrainState(data_seed=self.cfg.seed)
+        self.data = LoaderPosition(self._build_loader)
+        self.checkpoints = CheckpointManager(
+            self.engine,
+            start,
+            self.cfg.trainer,
+            self.resolved,
+            self.cfg.logger.wandb.enabled,
+            self.state,
+            self.data,
+            log,
+        )
+
+    def _build_loader(self, position: dict[str, Any] | None) -> ResumableLoader:
+        return build_loader(
+            self.cfg.data,
             self.dist.rank,
             self.dist.world_size,
-            self.data_seed,
-            loader_state,
-            grad_accum=tcfg.grad_accum,
+            self.state.data_seed,
+            position,
+            grad_accum=self.cfg.trainer.grad_accum,
         )
-        recipe = cfg.vae_training
+
+    def _build_evaluation(self) -> None:
+        """The fixed clips of validation and of the latent statistics."""
+        cfg, recipe = self.cfg, self.cfg.vae_training
         self.val_clips: list[Tensor] = []
         if cfg.data.val_shards:
             self.val_clips = fixed_clips(cfg.data, cfg.data.val_shards, recipe.val_clips, cfg.seed)
         self.stat_clips = fixed_clips(cfg.data, cfg.data.shards, recipe.latent_stat_clips, cfg.seed)
         self.last_scores: dict[str, float] = {}
+
+    def _build_observability(self) -> None:
         self.metrics = None
         if self.dist.is_main:
             self.metrics = VAEMetricsLogger(
-                cfg.logger,
+                self.cfg.logger,
                 self.run_dir,
-                cfg.experiment,
-                resolved,
+                self.cfg.experiment,
+                self.resolved,
                 self.global_step,
-                tcfg.max_steps,
-                progress_bar=tcfg.progress_bar,
+                self.cfg.trainer.max_steps,
+                progress_bar=self.cfg.trainer.progress_bar,
             )
 
     # ----------------------------------------------------------------------------- resume
-    def _resume(self, plan: ResumePlan) -> dict | None:
-        resized = plan.resized(self.dist.world_size)
-        if resized:
+    def _resume(self, plan: ResumePlan) -> None:
+        if plan.resized(self.dist.world_size):
             log.warning(
                 "%s was saved by %d ranks, this run has %d: resuming from a universal checkpoint",
                 plan.checkpoint,
                 plan.saved_world_size,
                 self.dist.world_size,
             )
-        load_resumed(self.engine, plan, resized, self.dist, self.ckpt_root, self.run_dir, log)
-        self.global_step = plan.step
-        self.data_seed = plan.data_seed
-        if resized:
-            # Reconstruction does not care which clips come next: a fresh, seeded order.
-            self.data_seed = resized_data_seed(plan.data_seed, plan.step)
-            return None
-        return restore_rank_state(plan, self.dist.rank)
+        if self.checkpoints.load(plan):
+            # Reconstruction does not care which clips come next: a new, seeded order.
+            self.state.data_seed = resized_data_seed(plan.data_seed, plan.step)
 
     # ----------------------------------------------------------------------------- loop
     def run(self) -> None:
-        tcfg, recipe = self.cfg.trainer, self.cfg.vae_training
+        trainer_cfg, recipe = self.cfg.trainer, self.cfg.vae_training
         batches = iter(self.loader)
         flag = self.signals
         try:
-            while self.global_step < tcfg.max_steps:
+            while self.global_step < trainer_cfg.max_steps:
                 started = time.perf_counter()
                 totals, clips, frames, data_wait, stop = self._train_step(batches, flag)
-                self.global_step += 1
+                self.state.step += 1
                 elapsed = time.perf_counter() - started
-                if self.global_step % tcfg.log_every == 0 or self.global_step == tcfg.max_steps:
+                if (
+                    self.global_step % trainer_cfg.log_every == 0
+                    or self.global_step == trainer_cfg.max_steps
+                ):
                     self._log(totals, clips, frames, elapsed, data_wait)
                 if stop:
                     self._stop_preempted(flag)
-                last = self.global_step == tcfg.max_steps
+                last = self.global_step == trainer_cfg.max_steps
                 every = recipe.val_every
                 validated = bool(self.val_clips) and (
                     last or (every > 0 and self.global_step % every == 0)
@@ -171,7 +192,7 @@ class VAETrainer:
                 if validated:
                     self.validate()
                 saved = None
-                if self.global_step % tcfg.save_every == 0 or last:
+                if self.global_step % trainer_cfg.save_every == 0 or last:
                     saved = self.save()
                 # A signal during validation or a save stops now, not one step later.
                 if (validated or saved) and agree_across_ranks(False, flag.raised, self.device)[1]:
@@ -268,42 +289,23 @@ class VAETrainer:
 
     # ----------------------------------------------------------------------------- save
     def save(self, reason: str = "cadence") -> Path:
-        from omni_train.trainer.weights import consolidated_state
-
-        step = self.global_step
-        staging = stage_checkpoint(self.engine, self.ckpt_root, step, self.dist.is_main)
-        write_rank_state(staging, self.dist.rank, self.loader.state_dict(), capture_rng())
+        """Checkpoint the current step (every rank must call it); returns its folder. The
+        last step's VAE file is also published as run_dir/vae.safetensors."""
         shift, scale = self.latent_stats()
-        state = consolidated_state(self.engine, self.dist.is_main)
-        # Every rank's files are in staging before the main rank publishes (renames) it.
-        dist.barrier()
-        final = staging.with_name(ckpt.checkpoint_name(step))
-        if self.dist.is_main:
-            metadata = vae_file_metadata(self.cfg.model.vae, shift, scale)
-            save_safetensors(state, staging / VAE_FILE, metadata=metadata)
-            meta = {
-                "step": step,
-                "world_size": self.dist.world_size,
-                "zero_stage": self.cfg.trainer.zero_stage,
-                "data_seed": self.data_seed,
-                "latent_shift": shift,
-                "latent_scale": scale,
-                "reason": reason,
-                "time": time.time(),
-                **{k.replace("/", "_"): v for k, v in self.last_scores.items()},
-            }
-            final = publish_checkpoint(
-                staging,
-                meta,
-                self.run_dir,
-                self.resolved,
-                self.cfg.trainer.keep_last,
-                self.cfg.logger.wandb.enabled,
-                log,
-            )
-            if step == self.cfg.trainer.max_steps:
-                self._publish_result(final, shift, scale)
-        dist.barrier()
+        metadata = vae_file_metadata(self.cfg.model.vae, shift, scale)
+
+        def export(staging: Path, weights: dict[str, Tensor]) -> None:
+            save_safetensors(weights, staging / VAE_FILE, metadata=metadata)
+
+        final = self.checkpoints.save(
+            reason,
+            export,
+            latent_shift=shift,
+            latent_scale=scale,
+            **{k.replace("/", "_"): v for k, v in self.last_scores.items()},
+        )
+        if self.dist.is_main and self.global_step == self.cfg.trainer.max_steps:
+            self._publish_result(final, shift, scale)
         return final
 
     def _publish_result(self, checkpoint: Path, shift: float, scale: float) -> None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from data_pipelines.testing import build_sample_shards
 from omni_train.testing import compose_train_config, metric_rows, run_ranks, train_in_rank
 from omni_train.trainer import checkpoint as ckpt
-from omni_train.trainer.run_setup import load_resumed
+from omni_train.trainer.checkpoint_manager import load_resumed
 from omni_train.trainer.run_state import ResumePlan, resized_data_seed
 
 SAVED = "step_00000002"
@@ -181,7 +181,7 @@ def _resume_with_a_refused_redeal(overrides: list[str]) -> tuple[str, int, int |
         return str(err), 0, None
     trainer.run()
     dist.destroy_process_group()
-    return "", trainer.global_step, trainer.data_seed
+    return "", trainer.global_step, trainer.state.data_seed
 
 
 @pytest.mark.slow

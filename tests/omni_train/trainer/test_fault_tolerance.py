@@ -52,6 +52,7 @@ def _train(overrides: list[str], fault: tuple[str, int] | None = None):
     import torch.distributed as dist
 
     from omni_train.testing import compose_train_config
+    from omni_train.trainer import checkpoint_manager, run_state
     from omni_train.trainer import trainer as trainer_module
     from omni_train.trainer.trainer import Trainer
 
@@ -71,15 +72,18 @@ def _train(overrides: list[str], fault: tuple[str, int] | None = None):
     trainer._train_step = faulty_step
     if kind.startswith("kill_in_save:"):
         point = kind.split(":", 1)[1]
-        target = {"after_deepspeed": "capture_rng", "before_weights": "consolidated_state"}
-        original = getattr(trainer_module, target[point])
+        module, name = {
+            "after_deepspeed": (run_state, "capture_rng"),
+            "before_weights": (checkpoint_manager, "consolidated_state"),
+        }[point]
+        original = getattr(module, name)
 
         def killing(*args, **kwargs):
             if trainer.global_step == at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*args, **kwargs)
 
-        setattr(trainer_module, target[point], killing)
+        setattr(module, name, killing)
     if kind == "nan":
         compute = trainer_module.compute_loss
 

@@ -28,12 +28,12 @@ def _engine(zero_stage: int, precision: str, seed: int, load_universal: bool = F
     from omni_train.trainer.ds_config import deepspeed_config
     from omni_train.trainer.run_setup import build_engine
 
-    tcfg = TrainerConfig(zero_stage=zero_stage, precision=precision)
+    trainer_cfg = TrainerConfig(zero_stage=zero_stage, precision=precision)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     world_size = int(os.environ["WORLD_SIZE"])  # set by run_ranks
-    ds_cfg = deepspeed_config(tcfg, 2, world_size, load_universal=load_universal)
-    engine, _ = build_engine(model, model.parameters(), tcfg, ds_cfg)
+    ds_cfg = deepspeed_config(trainer_cfg, 2, world_size, load_universal=load_universal)
+    engine, _ = build_engine(model, model.parameters(), trainer_cfg, ds_cfg)
     return engine
 
 
@@ -45,7 +45,7 @@ def _save_in_rank(root: str, zero_stage: int, precision: str) -> dict[str, list]
     """One training step, then a checkpoint saved the trainer's way; returns the weights."""
     import torch.distributed as dist
 
-    from omni_train.trainer.run_setup import stage_checkpoint
+    from omni_train.trainer.checkpoint_manager import stage_checkpoint
 
     engine = _engine(zero_stage, precision, seed=0)
     batch = torch.randn(2, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
@@ -66,8 +66,8 @@ def _resume_in_rank(run_dir: str, zero_stage: int, precision: str) -> dict[str, 
     """A freshly initialised engine (another seed) resumed through load_resumed."""
     import torch.distributed as dist
 
+    from omni_train.trainer.checkpoint_manager import load_resumed
     from omni_train.trainer.distributed import DistInfo
-    from omni_train.trainer.run_setup import load_resumed
     from omni_train.trainer.run_state import plan_resume
 
     root = Path(run_dir) / "checkpoints"

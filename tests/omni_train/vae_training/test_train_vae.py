@@ -122,6 +122,67 @@ def test_checkpoints_and_the_run_hold_a_loadable_vae_file(uninterrupted):
     assert float(header["omni_train.vae.scaling_factor"]) == pytest.approx(meta["latent_scale"])
 
 
+LOADER_KEYS = [
+    "batches",
+    "corrupt_before",
+    "corrupt_skipped",
+    "handover",
+    "num_shards",
+    "num_workers",
+    "rank",
+    "seed",
+    "val_holdout",
+    "version",
+    "workers",
+    "world_size",
+]
+RNG_KEYS = ["numpy", "python", "torch"]  # and "cuda" on a GPU
+# File -> its top-level JSON keys (None: not JSON), recorded from a checkpoint written before
+# the trainer saved through CheckpointManager: earlier checkpoints must keep resuming.
+EXPECTED_LAYOUT = {
+    "complete.json": [
+        "data_seed",
+        "latent_scale",
+        "latent_shift",
+        "reason",
+        "step",
+        "time",
+        "val_frames",
+        "val_psnr",
+        "val_ssim",
+        "world_size",
+        "zero_stage",
+    ],
+    "config.yaml": None,
+    "loader_rank00000.json": LOADER_KEYS,
+    "loader_rank00001.json": LOADER_KEYS,
+    "mp_rank_00_model_states.pt": None,
+    "rng_rank00000.json": RNG_KEYS,
+    "rng_rank00001.json": RNG_KEYS,
+    "vae.safetensors": None,
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt": None,
+    "zero_pp_rank_1_mp_rank_00_optim_states.pt": None,
+}
+
+
+def test_checkpoints_hold_the_files_and_keys_earlier_versions_wrote(uninterrupted):
+    run_dir, _ = uninterrupted
+    for name in ("step_00000002", "step_00000004"):
+        checkpoint = run_dir / "checkpoints" / name
+        layout = {
+            str(path.relative_to(checkpoint)): (
+                sorted(json.loads(path.read_text())) if path.suffix == ".json" else None
+            )
+            for path in sorted(p for p in checkpoint.rglob("*") if p.is_file())
+        }
+        assert layout == EXPECTED_LAYOUT, name
+    assert sorted(read_metadata(run_dir / "vae.safetensors")) == [
+        "omni_train.vae.arch",
+        "omni_train.vae.scaling_factor",
+        "omni_train.vae.shift_factor",
+    ]
+
+
 def _model_cfg(pretrained: Path, **vae_fields) -> ModelConfig:
     cfg = ModelConfig()
     cfg.vae = dataclasses.replace(
