@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,annotate,eval]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,annotate,eval,foundation]"
 	# MediaPipe's metadata pins protobuf<5 and numpy<2, which wandb and torch outgrow; it runs
 	# with both (data_pipelines/annotators/mediapipe_compat.py), so it goes in without deps.
 	$(PY) -m pip install -q --no-deps "mediapipe==0.10.21"

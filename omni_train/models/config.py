@@ -8,15 +8,23 @@ a local path loads real weights (no hub access is assumed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class VAEConfig:
     # Dotted path of another VAE's builder, called with this config (omni_train/models/adapters.py);
-    # "" = this project's CausalVAE.
+    # "" = this project's CausalVAE. conf/model.vae/*.yaml (model.vae=wan|hunyuan_video|cogvideox)
+    # set it to a diffusers VAE's builder in omni_train/models/foundation_vae.py.
     _target_: str = ""
     # A safetensors file with this VAE's state dict; "" = random init (frozen either way).
+    # A diffusers VAE takes a local diffusers directory instead: the VAE's own (config.json and
+    # weights) or a whole pipeline's, whose vae/ subfolder is used.
     pretrained: str = ""
+    # Random-init diffusers VAE only: keyword arguments of its class that replace the defaults
+    # (the released architecture), e.g. a tiny one for tests; a pretrained directory brings its
+    # own config.
+    diffusers_config: dict[str, Any] = field(default_factory=dict)
     in_channels: int = 3
     latent_channels: int = 4
     base_channels: int = 16
