@@ -10,7 +10,7 @@ wrote. Its own files are JSON and safetensors, but DeepSpeed's engine and optimi
 torch pickles (``*.pt``) that DeepSpeed loads with ``weights_only=False``. Resume and the
 universal conversion load them inside ``weights_only_loads()``, which forces torch's
 weights-only unpickler: tensors, containers and the three plain DeepSpeed record classes of
-``deepspeed_pickled_classes()``, so a ``.pt`` file naming any other global fails to load with
+``pickled_optimizer_classes()``, so a ``.pt`` file naming any other global fails to load with
 an error naming it instead of running it. The ``_target_`` of a run's config.yaml is checked
 before sampling it (omni_train/sample.py, ``trust_checkpoint_code``).
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_train.models.weights import fsync_directory
+from omni_train.trainer.deepspeed_internals import pickled_optimizer_classes
 
 COMPLETE_MARKER = "complete.json"
 # Meta key of a checkpoint that prune() keeps whatever keep_last says.
@@ -120,20 +121,9 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def deepspeed_pickled_classes() -> list[type]:
-    """The DeepSpeed classes pickled in its ZeRO 1-3 optimizer state (fp32 and bf16): an int
-    enum, a dataclass of two ints and the static loss scaler's two attributes. Rebuilding them
-    runs no code beyond setting fields."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Every torch.load inside unpickles tensors, containers and deepspeed_pickled_classes()
+    """Every torch.load inside unpickles tensors, containers and pickled_optimizer_classes()
     only, even where DeepSpeed passes weights_only=False: any other global in a ``.pt`` file
     raises pickle.UnpicklingError naming it, and is never imported or called."""
     import torch
@@ -141,7 +131,7 @@ def weights_only_loads() -> Iterator[None]:
     previous = os.environ.get(FORCE_WEIGHTS_ONLY_ENV)
     os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
     try:
-        with torch.serialization.safe_globals(deepspeed_pickled_classes()):
+        with torch.serialization.safe_globals(pickled_optimizer_classes()):
             yield
     finally:
         if previous is None:

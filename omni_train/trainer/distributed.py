@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from omni_train.trainer.deepspeed_internals import skip_cpu_shm_op
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,12 @@ def prepare_environment() -> None:
 def init_distributed(backend: str, timeout_minutes: int, cpu_shm_comm: bool) -> DistInfo:
     prepare_environment()
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401 - registers the module patched below
 
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if not use_cuda and not cpu_shm_comm:
-        # Through sys.modules: the attribute `deepspeed.comm.torch` is the torch package
-        # itself (re-exported by a star import), not DeepSpeed's backend module.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        skip_cpu_shm_op()
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
     )

@@ -26,6 +26,7 @@ from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
 from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
 from omni_train.trainer.config import VAL_TASKS
+from omni_train.trainer.deepspeed_internals import discard_accumulated_gradients
 from omni_train.trainer.ema import ShardedEMA
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import SignalFlag
@@ -356,31 +357,11 @@ class Trainer:
             results.append(result.detach())
             if bad:
                 finite = False
-                self._discard_accumulated(micro)
+                discard_accumulated_gradients(self.engine, micro, self.cfg.trainer.grad_accum)
                 continue
             self.engine.backward(result.loss)
             self.engine.step()
         return StepResult.merge(results), data_wait, finite, stop
-
-    def _discard_accumulated(self, micro: int) -> None:
-        """Drop gradients of earlier micro-batches of a skipped step and realign the engine's
-        accumulation counter so the next step starts on a fresh boundary."""
-        if micro == 0:
-            return
-        self.engine.zero_grad()
-        # ZeRO-2/3 keep reduced gradient partitions of earlier micro-batches in flat buffers
-        # that zero_grad() leaves alone (they are normally consumed by the optimizer step).
-        optimizer = self.engine.optimizer
-        for name in ("grads_in_partition", "grad_partitions_flat_buffer"):
-            buffer = getattr(optimizer, name, None)
-            if torch.is_tensor(buffer):
-                buffer.zero_()
-        for name in ("all_grad_tensors", "averaged_gradients"):
-            per_group = getattr(optimizer, name, None)
-            if isinstance(per_group, dict):
-                for group in per_group:
-                    per_group[group] = None
-        self.engine.micro_steps += self.cfg.trainer.grad_accum - micro
 
     def _log(
         self,

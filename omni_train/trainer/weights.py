@@ -9,6 +9,7 @@ import torch
 from omni_train.models.config import ModelConfig
 from omni_train.models.encoders import frozen_is_random
 from omni_train.models.weights import save_safetensors
+from omni_train.trainer.deepspeed_internals import zero3_full_state_dict
 
 DENOISER_FILE = "model.safetensors"
 # Random-init encoders cannot be rebuilt from a path: their weights travel with the run.
@@ -30,7 +31,7 @@ def consolidated_state(engine, is_main: bool) -> dict[str, torch.Tensor] | None:
     them; only the main rank receives them.
     """
     if engine.zero_optimization_partition_weights():
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = zero3_full_state_dict(engine)
     else:
         state = engine.module.state_dict() if is_main else None
     return dict(state) if is_main and state is not None else None

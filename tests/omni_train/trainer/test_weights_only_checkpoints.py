@@ -105,7 +105,7 @@ def _poison(checkpoint: Path, marker: Path) -> None:
 def saved(tmp_path_factory) -> tuple[Path, dict, int, str]:
     """(run dir, saved weights, zero stage, precision) of a 2-rank run saved after one step.
 
-    ZeRO-2 fp32 (the default) pickles all three classes of deepspeed_pickled_classes(); bf16
+    ZeRO-2 fp32 (the default) pickles all three classes of pickled_optimizer_classes(); bf16
     and ZeRO-1/3 pickle the same ones or fewer (test_elastic_resume.py resumes ZeRO-3)."""
     zero_stage, precision = 2, "fp32"
     run_dir = tmp_path_factory.mktemp(f"run_zero{zero_stage}_{precision}")
