@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omni_train.contracts import TASK_CONDITIONS
+
 
 @dataclass
 class OptimizerConfig:
@@ -80,7 +82,7 @@ class ValidationConfig:
 
 
 # Validation-loss tasks, weakest first.
-VAL_TASKS: tuple[str, ...] = ("text", "audio", "pose")
+VAL_TASKS: tuple[str, ...] = tuple(TASK_CONDITIONS)
 
 
 @dataclass
@@ -158,6 +160,40 @@ class TrainerConfig:
     # data order instead (samples of the interrupted epoch may then be skipped or repeated).
     # The VAE trainer always starts a new order on another world size.
     allow_new_data_order: bool = False
+
+    def validate(self) -> None:
+        """Checks of this config's own fields (ValueError naming the key and the fix)."""
+        if self.save_every <= 0 or self.max_steps <= 0:
+            raise ValueError("trainer.max_steps and trainer.save_every must be positive")
+        if self.ema.enabled and not 0.0 < self.ema.decay < 1.0:
+            raise ValueError(f"trainer.ema.decay={self.ema.decay}: use a value in (0, 1)")
+        if not 1 <= self.preemption.exit_code <= 255:
+            raise ValueError(
+                f"trainer.preemption.exit_code={self.preemption.exit_code}: use 1-255 (143 default)"
+            )
+        if self.nonfinite.max_consecutive < 1:
+            raise ValueError("trainer.nonfinite.max_consecutive must be >= 1")
+        if self.validation.every < 0 or (self.validation.ref_images and not self.validation.audio):
+            raise ValueError(
+                "trainer.validation: every must be >= 0, and ref_images needs one audio file "
+                "each (trainer.validation.audio=[a.wav,...])"
+            )
+        if self.val_every < 0:
+            raise ValueError(f"trainer.val_every={self.val_every}: use 0 (off) or a step count")
+        val = self.val_loss
+        if val.num_clips < 1:
+            raise ValueError(f"trainer.val_loss.num_clips={val.num_clips} must be at least 1")
+        if not 1 <= val.timesteps <= 256:
+            raise ValueError(f"trainer.val_loss.timesteps={val.timesteps}: use 1-256 (8 default)")
+        unknown = [task for task in val.tasks if task not in VAL_TASKS]
+        if unknown or not val.tasks:
+            raise ValueError(
+                f"trainer.val_loss.tasks={list(val.tasks)}: use a non-empty subset of {VAL_TASKS}"
+            )
+        if val.use_ema and not self.ema.enabled:
+            raise ValueError(
+                "trainer.val_loss.use_ema=true needs trainer.ema.enabled=true (or use_ema=false)"
+            )
 
 
 @dataclass
