@@ -188,7 +188,9 @@ def resume_seconds(cfg: DataConfig, position_samples: int) -> float:
     loader = build_loader(cfg, 0, 1, seed=0)
     next(iter(loader))
     state = loader.state_dict()
-    state["workers"][0]["yielded"] = position_samples
+    state["workers"][0].update(
+        yielded=position_samples, picks=position_samples, sources=[position_samples]
+    )
     started = time.perf_counter()
     next(iter(build_loader(cfg, 0, 1, seed=0, state=state)))
     return time.perf_counter() - started

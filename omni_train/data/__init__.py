@@ -5,7 +5,8 @@ from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.elastic import elastic_loader_state
 from omni_train.data.latents import decode_latent_sample
 from omni_train.data.pose import keypoint_heatmaps
-from omni_train.data.stream import LoaderState, ResumableLoader, build_loader, shard_list
+from omni_train.data.state import LoaderState
+from omni_train.data.stream import ResumableLoader, build_loader, shard_list
 
 __all__ = [
     "BucketConfig",

@@ -6,10 +6,10 @@
 
 The new layout first deals out, round robin, every sample that the saved layout's consumers
 had not yet taken in their current epochs (read from tar headers only), then starts fresh
-epochs; see omni_train.data.plan. With data.sources or data.buckets this happens per source,
-and the samples an old consumer had taken but not yet handed out (waiting in a bucket) are
-dealt out with the rest; the new ranks continue the saved rank batch count, so the weights of
-the current step (curriculum source_weights) keep applying. Guarantee, tested in
+epochs; see omni_train.data.plan. This happens per source (a plain data.shards config is one
+source), and the samples an old consumer had taken but not yet handed out (waiting in a
+bucket) are dealt out with the rest; the new ranks continue the saved rank batch count, so the
+weights of the current step (curriculum source_weights) keep applying. Guarantee, tested in
 tests/omni_train/data: no sample of the interrupted epoch is skipped and none is read twice
 within it (skipped samples: 0; the new consumers' shares of the rest differ by at most one
 sample, per source). Corrupt samples are skipped and counted as always; the saved total
@@ -24,7 +24,7 @@ from typing import Any
 from omni_train.data.config import DataConfig
 from omni_train.data.plan import resolve_split
 from omni_train.data.shards import shard_list
-from omni_train.data.stream import ConsumerPosition, LoaderState
+from omni_train.data.state import ConsumerPosition, LoaderState
 
 # Fields every rank's saved state must share: they describe the run, not the rank.
 _SHARED = ("seed", "world_size", "num_workers", "num_shards", "val_holdout", "batches")
@@ -74,37 +74,30 @@ def elastic_loader_state(
         "workers": len(old.workers),
     }
     shuffle_buffer = saved_shuffle_buffer or cfg.shuffle_buffer
-    new_positions = [ConsumerPosition() for _ in range(workers)]
-    if _continues_a_mix(states, positions, cfg):
-        sources = [shard_list(source.shards) for source in cfg.source_list()]
-        if sum(len(shards) for shards in sources) != old.num_shards:
-            raise ValueError(
-                f"the loader state was saved with {old.num_shards} shards and data.sources "
-                f"now hold {sum(len(shards) for shards in sources)}: resume on the same shards"
-            )
-        previous = old.handover["sources"] if old.handover else [None] * len(sources)
-        handover["sources"] = [
-            {
-                **handover,
-                "shuffle_buffer": shuffle_buffer,
-                "raw": [p.sources[s] if p.sources else 0 for p in positions],
-                "pending": [[i for source, i in p.pending if source == s] for p in positions],
-                "previous": previous[s],
-                "split": resolve_split(cfg.split, len(shards), old_consumers),
-            }
-            for s, shards in enumerate(sources)
-        ]
-        # Worker w hands out rank batches w, w + workers, ...: its first one after the
-        # handover is the first such batch at or after the saved count.
-        for w, position in enumerate(new_positions):
-            position.batches = (old.batches - w + workers - 1) // workers
-    else:
-        handover.update(
-            shuffle_buffer=shuffle_buffer,
-            raw=[position.raw for position in positions],
-            previous=old.handover,
-            split=resolve_split(cfg.split, old.num_shards, old_consumers),
+    _check_continuable(states, positions, cfg)
+    sources = [shard_list(source.shards) for source in cfg.source_list()]
+    if sum(len(shards) for shards in sources) != old.num_shards:
+        raise ValueError(
+            f"the loader state was saved with {old.num_shards} shards and this run's data "
+            f"holds {sum(len(shards) for shards in sources)}: resume on the same shards"
         )
+    previous = old.handover["sources"] if old.handover else [None] * len(sources)
+    handover["sources"] = [
+        {
+            **handover,
+            "shuffle_buffer": shuffle_buffer,
+            "raw": [p.sources[s] if p.sources else 0 for p in positions],
+            "pending": [[i for source, i in p.pending if source == s] for p in positions],
+            "previous": previous[s],
+            "split": resolve_split(cfg.split, len(shards), old_consumers),
+        }
+        for s, shards in enumerate(sources)
+    ]
+    # Worker w hands out rank batches w, w + workers, ...: its first one after the handover
+    # is the first such batch at or after the saved count.
+    new_positions = [
+        ConsumerPosition(batches=(old.batches - w + workers - 1) // workers) for w in range(workers)
+    ]
     new = LoaderState(
         seed=old.seed,
         rank=rank,
@@ -118,38 +111,28 @@ def elastic_loader_state(
         corrupt_before=sum(s.corrupt_skipped for s in states) if rank == 0 else 0,
         # Kept as saved: build_loader refuses a run with another data.val_holdout.
         val_holdout=old.val_holdout,
+        mixed=cfg.mixed,
     )
     return new.to_dict()
 
 
-def _continues_a_mix(
+def _check_continuable(
     states: Sequence[LoaderState], positions: Sequence[ConsumerPosition], cfg: DataConfig
-) -> bool:
-    """Whether the new layout continues a mix of sources / buckets (cfg.mixed); refuses a
-    saved state this config cannot continue: one read without data.sources and data.buckets
-    (or with them, for a config without), or with another number of sources."""
+) -> None:
+    """Refuse a saved state this config cannot continue: one read without data.sources and
+    data.buckets (or with them, for a config without), or with another number of sources."""
     old = states[0]
-    mixed = bool(old.handover and "sources" in old.handover) or any(
-        p.sources or p.pending or p.picks for p in positions
-    )
+    mixed = any(s.mixed for s in states)
     started = any(p.raw for p in positions) or old.handover is not None
     if cfg.mixed and started and not mixed:
         raise ValueError(
             "the loader state is from a run without data.sources and data.buckets and this run "
             "has them: resume with the saved run's data settings, or accept a new data order"
         )
-    if mixed and not cfg.mixed:
+    if mixed and started and not cfg.mixed:
         raise ValueError(
             "the loader state is from a run with data.sources or data.buckets and this run has "
             "neither: resume with the saved run's data settings, or accept a new data order"
         )
-    count = len(cfg.source_list())
-    saved = {len(p.sources) for p in positions if p.sources}
-    if old.handover and "sources" in old.handover:
-        saved.add(len(old.handover["sources"]))
-    if mixed and saved != {count}:
-        raise ValueError(
-            f"the loader state is from a run with {sorted(saved)} data source(s) and this run "
-            f"has {count}: resume with the saved run's data.sources"
-        )
-    return cfg.mixed
+    for state in states:
+        state.check_sources(len(cfg.source_list()))

@@ -11,9 +11,9 @@ current epochs, dealt out round robin. Then it starts its own epochs (shuffled d
 from the previous layout's, through a generation number). So across a handover no sample of
 the interrupted epoch is skipped or read twice, and tail shares differ by at most one
 sample between consumers. A handover carries the one before it, so layouts can change again.
-With several sources or buckets (omni_train.data.mix) each source has a plan and a handover
-of its own, and the tail also holds the samples the old consumers had taken but not yet
-handed out (waiting in a bucket), ahead of the rest of their epochs.
+Each source of a consumer (omni_train.data.consumer) has a plan and a handover of its own,
+and the tail also holds the samples the old consumers had taken but not yet handed out
+(waiting in a bucket), ahead of the rest of their epochs.
 """
 
 from __future__ import annotations

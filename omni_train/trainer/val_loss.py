@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from omni_train.contracts import CONDITIONS, TASK_CONDITIONS, TRAINABLE_TIERS, key_hash
+from omni_train.data.batch import collate
 from omni_train.data.config import DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
@@ -46,7 +47,6 @@ from omni_train.data.shards import (
     read_sample,
     shard_list,
 )
-from omni_train.data.stream import collate
 from omni_train.diffusion.config import TIMESTEP_SAMPLINGS, DiffusionConfig
 from omni_train.diffusion.flow import _T_EPS, flow_matching_loss, shift_timesteps
 from omni_train.trainer.config import VAL_TASKS, ValLossConfig

@@ -14,8 +14,8 @@ import pytest
 from omni_train.curriculum import CurriculumConfig, StageConfig
 from omni_train.data import DataConfig, build_loader, shard_list
 from omni_train.data.config import BucketConfig, SourceConfig
+from omni_train.data.consumer import source_seed
 from omni_train.data.elastic import elastic_loader_state
-from omni_train.data.mix import source_seed
 from omni_train.data.plan import ConsumerPlan, resolve_split
 
 SEED = 5

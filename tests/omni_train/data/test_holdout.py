@@ -10,10 +10,11 @@ import pytest
 
 from omni_train.data import DataConfig, build_loader
 from omni_train.data.config import SourceConfig
+from omni_train.data.consumer import ConsumerBatches
 from omni_train.data.elastic import elastic_loader_state
-from omni_train.data.mix import MixedBatches
 from omni_train.data.plan import ShardIndex
 from omni_train.data.shards import held_out, shard_list
+from omni_train.data.state import ConsumerPosition
 
 SHARE = 0.25
 
@@ -130,7 +131,7 @@ def test_the_shard_index_leaves_the_share_out_for_every_plan_built_on_it(corpus)
         ],
     )
     sources = [shard_list(source.shards) for source in cfg.source_list()]
-    mixed = MixedBatches(cfg, sources, 3, 0, 1, {}, lambda _: [1.0, 1.0])
+    mixed = ConsumerBatches(cfg, sources, 3, 0, 1, ConsumerPosition(), lambda _: [1.0, 1.0])
     assert sum(plan.epoch_size for plan in mixed.plans) == len(kept)
     seen = [k for batch, _ in itertools.islice(iter(mixed), 20) for k in batch["keys"]]
     assert set(seen) == set(kept)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from omni_train.data import DataConfig, build_loader
-from omni_train.data import stream as stream_module
+from omni_train.data import consumer as consumer_module
+from omni_train.data.batch import pad_text
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -56,7 +57,7 @@ def test_batches_carry_latents_and_decode_no_video(latent_shards, monkeypatch):
     def no_video(*args, **kwargs):
         raise AssertionError("decode_sample called in precomputed mode")
 
-    monkeypatch.setattr(stream_module, "decode_sample", no_video)
+    monkeypatch.setattr(consumer_module, "decode_sample", no_video)
     (batch,) = _take(build_loader(_cfg(pattern, batch_size=3), 0, 1, 0), 1)
     assert batch["latents"].shape == (3, 4, 3, 2, 2) and batch["latents"].dtype.is_floating_point
     assert batch["ref_latents"].shape == (3, 4, 1, 2, 2)
@@ -146,7 +147,7 @@ def test_a_batch_with_text_embeddings_on_some_samples_only_drops_them(media, tmp
 
 def test_pad_text_refuses_mixed_widths():
     with pytest.raises(ValueError, match="different widths"):
-        stream_module.pad_text([torch.zeros(2, 4), torch.zeros(2, 5)], ["a", "b"])
+        pad_text([torch.zeros(2, 4), torch.zeros(2, 5)], ["a", "b"])
 
 
 def test_a_pickled_text_embedding_is_a_corrupt_sample(media, tmp_path):

@@ -133,3 +133,25 @@ def test_resume_with_sources_and_buckets_is_exact(mix_corpus, num_workers, consu
         r["video"].shape == s["video"].shape
         for r, s in zip(resumed, straight[consumed:], strict=True)
     )
+
+
+def test_a_state_of_another_number_of_sources_is_refused_on_resume(mix_corpus):
+    two = _cfg(mix_corpus)
+    both = ",".join(source.shards for source in two.sources)  # the same 4 shards
+    loader = build_loader(two, 0, 1, seed=4)
+    _take(loader, 2)
+    one = _cfg(mix_corpus, sources=[SourceConfig("all", both)])
+    with pytest.raises(ValueError, match=r"run with \[2\] data source\(s\) and this run has 1"):
+        build_loader(one, 0, 1, seed=4, state=loader.state_dict())
+    plain = _cfg(mix_corpus, sources=[], shards=both)
+    loader = build_loader(plain, 0, 1, seed=4)
+    _take(loader, 1)
+    with pytest.raises(ValueError, match=r"run with \[1\] data source\(s\) and this run has 2"):
+        build_loader(two, 0, 1, seed=4, state=loader.state_dict())
+
+
+def test_a_source_without_samples_fails_instead_of_hanging(mix_corpus, media, tmp_path):
+    media.write_shard(tmp_path / "shard-000000.tar", [])
+    sources = [_sources(mix_corpus)[0], SourceConfig("empty", str(tmp_path / "*.tar"), 1.0)]
+    with pytest.raises(ValueError, match="hold no samples: re-run data_pipelines.shard"):
+        _take(build_loader(_cfg(mix_corpus, sources=sources), 0, 1, 0), 1)

@@ -4,7 +4,8 @@ and buckets, as keys (by their index in the corpus) and the decoded window's fra
 The expected values were recorded from the loader as it stood before its single-source path
 became the one-source case of the mixed stream, so any change to the order of samples, their
 grouping into batches or the randomness of their decoding fails here. The corpora's keys and
-frames are deterministic (keys hash the clip names, frame i is gray level 10 i).
+frames are deterministic (keys hash the clip names, frame i is gray level 10 i). Loader states
+that version saved (state version 1, literal dicts below) still resume to the same order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from omni_train.data import DataConfig, build_loader, elastic_loader_state
 from omni_train.data.config import BucketConfig, SourceConfig
+from omni_train.data.state import LoaderState
 
 
 def _cfg(pattern: str, **overrides) -> DataConfig:
@@ -205,3 +207,189 @@ MIXED = {
 
 def test_mixed_order_is_pinned(mix_corpus):
     assert mixed_streams(mix_corpus) == MIXED
+
+
+# ----------------------------------------------------------------------------- version 1 states
+# Loader states as the version 1 loader saved them into checkpoints (before every config read
+# through the one stream of omni_train.data.consumer).
+
+# 2 ranks x 0 workers took 2 batches each; then 1 rank x 2 workers took 3 more (seed 5).
+V1_AFTER_HANDOVER = {
+    "seed": 5,
+    "rank": 0,
+    "world_size": 1,
+    "num_workers": 2,
+    "num_shards": 8,
+    "batches": 5,
+    "workers": [
+        {"yielded": 4, "corrupt": 0, "picks": 0, "batches": 0, "sources": [], "pending": []},
+        {"yielded": 2, "corrupt": 0, "picks": 0, "batches": 0, "sources": [], "pending": []},
+    ],
+    "handover": {
+        "generation": 1,
+        "world_size": 2,
+        "workers": 1,
+        "shuffle_buffer": 4,
+        "raw": [4, 4],
+        "previous": None,
+        "split": "shard",
+    },
+    "corrupt_before": 0,
+    "val_holdout": 0.0,
+    "version": 1,
+    "corrupt_skipped": 0,
+}
+# The keys of 2 ranks x 0 workers continuing it, as the version 1 loader dealt them.
+V1_AFTER_HANDOVER_ON_2_RANKS = [
+    [[10, 11], [0, 22], [17, 13], [7, 8], [6, 14], [1, 2]],
+    [[15, 3], [2, 9], [16, 15], [23, 21], [9, 16], [17, 10]],
+]
+# Rank 1 of 2 x 0 workers after the next handover, from V1_AFTER_HANDOVER, and 1 batch.
+V1_TWO_HANDOVERS = {
+    "seed": 5,
+    "rank": 1,
+    "world_size": 2,
+    "num_workers": 0,
+    "num_shards": 8,
+    "batches": 6,
+    "workers": [
+        {"yielded": 2, "corrupt": 0, "picks": 0, "batches": 0, "sources": [], "pending": []}
+    ],
+    "handover": {
+        "generation": 2,
+        "world_size": 1,
+        "workers": 2,
+        "shuffle_buffer": 4,
+        "raw": [4, 2],
+        "previous": V1_AFTER_HANDOVER["handover"],
+        "split": "shard",
+    },
+    "corrupt_before": 0,
+    "val_holdout": 0.0,
+    "version": 1,
+    "corrupt_skipped": 0,
+}
+# Rank 0 of 2 of the mix (split=sample, seed 4) after 4 batches: sample 4 of source 1 waits.
+V1_MIX = {
+    "seed": 4,
+    "rank": 0,
+    "world_size": 2,
+    "num_workers": 0,
+    "num_shards": 4,
+    "batches": 4,
+    "workers": [
+        {
+            "yielded": 7,
+            "corrupt": 0,
+            "picks": 8,
+            "batches": 4,
+            "sources": [2, 6],
+            "pending": [[1, 4]],
+        }
+    ],
+    "handover": None,
+    "corrupt_before": 0,
+    "val_holdout": 0.0,
+    "version": 1,
+    "corrupt_skipped": 0,
+}
+# 2 batches of the corrupt corpus below (seed 0): 4 samples handed out, 1 skipped.
+V1_CORRUPT = {
+    "seed": 0,
+    "rank": 0,
+    "world_size": 1,
+    "num_workers": 0,
+    "num_shards": 2,
+    "batches": 2,
+    "workers": [
+        {"yielded": 4, "corrupt": 1, "picks": 0, "batches": 0, "sources": [], "pending": []}
+    ],
+    "handover": None,
+    "corrupt_before": 0,
+    "val_holdout": 0.0,
+    "version": 1,
+    "corrupt_skipped": 1,
+}
+
+
+@pytest.fixture()
+def corrupt_corpus(media, tmp_path) -> SimpleNamespace:
+    """5 good clips and a broken one (index 5), in 2 shards."""
+    good = [media.make_sample(f"v1good{i}.mp4") for i in range(5)]
+    broken = media.make_sample("v1broken.mp4")
+    broken["mp4"] = b"\x00" * 300
+    media.write_shard(tmp_path / "shard-000000.tar", good[:2] + [broken] + good[2:3])
+    media.write_shard(tmp_path / "shard-000001.tar", good[3:])
+    keys = [s["__key__"] for s in good + [broken]]
+    return SimpleNamespace(pattern=str(tmp_path / "*.tar"), keys=keys)
+
+
+def test_a_version_1_state_resumes_the_pinned_order(corpus):
+    loader = build_loader(
+        _cfg(corpus.pattern, num_workers=2), 0, 1, seed=5, state=V1_AFTER_HANDOVER
+    )
+    assert _batches(loader, 6, corpus.keys, frames=True) == SINGLE_SOURCE_HANDOVER[3:9]
+
+
+def test_a_version_1_state_goes_on_to_another_world_size(corpus):
+    cfg = _cfg(corpus.pattern)
+    keys = []
+    for rank in range(2):
+        state = elastic_loader_state([V1_AFTER_HANDOVER], rank, 2, cfg)
+        keys.append(_batches(build_loader(cfg, rank, 2, seed=5, state=state), 6, corpus.keys))
+    assert keys == V1_AFTER_HANDOVER_ON_2_RANKS
+
+
+def test_a_version_1_mix_resumes_with_its_waiting_sample(mix_corpus):
+    loader = build_loader(_mix_cfg(mix_corpus, split="sample"), 0, 2, seed=4, state=V1_MIX)
+    assert _batches(loader, 5, mix_corpus.keys, frames=True) == MIXED["rank0"][4:9]
+
+
+def test_a_version_1_state_keeps_its_corrupt_count(corrupt_corpus):
+    loader = build_loader(_cfg(corrupt_corpus.pattern), 0, 1, seed=0, state=V1_CORRUPT)
+    batches = list(itertools.islice(iter(loader), 3))
+    assert [[corrupt_corpus.keys.index(k) for k in b["keys"]] for b in batches] == [
+        [3, 1],
+        [0, 3],
+        [2, 4],
+    ]
+    assert [b["corrupt_skipped"] for b in batches] == [2, 2, 2]
+
+
+def _state_after(cfg, world_size, batches, seed, rank=0, states=None) -> dict:
+    """The saved state of ``rank`` after ``batches`` batches (after a handover from
+    ``states`` when given)."""
+    state = None if states is None else elastic_loader_state(states, rank, world_size, cfg)
+    loader = build_loader(cfg, rank, world_size, seed=seed, state=state)
+    list(itertools.islice(iter(loader), batches))
+    return json.loads(json.dumps(loader.state_dict()))
+
+
+def test_a_version_1_state_becomes_what_version_2_saves_at_the_same_point(
+    corpus, mix_corpus, corrupt_corpus
+):
+    plain = _cfg(corpus.pattern)
+    old = [_state_after(plain, 2, 2, seed=5, rank=rank) for rank in range(2)]
+    handed_over = _state_after(_cfg(corpus.pattern, num_workers=2), 1, 3, seed=5, states=old)
+    twice = _state_after(plain, 2, 1, seed=5, rank=1, states=[handed_over])
+    mix = _state_after(_mix_cfg(mix_corpus, split="sample"), 2, 4, seed=4)
+    corrupt = _state_after(_cfg(corrupt_corpus.pattern), 1, 2, seed=0)
+    pairs = [
+        (V1_AFTER_HANDOVER, handed_over),
+        (V1_TWO_HANDOVERS, twice),
+        (V1_MIX, mix),
+        (V1_CORRUPT, corrupt),
+    ]
+    for v1, v2 in pairs:
+        assert v2["version"] == 2
+        assert LoaderState.from_dict(v1).to_dict() == v2
+
+
+@pytest.mark.parametrize("version", [None, 0, 3])
+def test_a_state_of_an_unknown_version_is_refused_naming_it(corpus, version):
+    state = {**V1_AFTER_HANDOVER, "version": version}
+    with pytest.raises(ValueError) as caught:
+        build_loader(_cfg(corpus.pattern, num_workers=2), 0, 1, seed=5, state=state)
+    message = str(caught.value)
+    assert f"loader state version {version!r} cannot be read" in message
+    assert "versions [1, 2]" in message and "start a new run_dir" in message

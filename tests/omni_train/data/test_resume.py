@@ -108,7 +108,7 @@ def _run_layout(cfg, world_size, batches, states=None):
 
 def _tail_sizes(cfg, states, world_size):
     consumers = world_size * max(1, cfg.num_workers)
-    handover = elastic_loader_state(states, 0, world_size, cfg)["handover"]
+    [handover] = elastic_loader_state(states, 0, world_size, cfg)["handover"]["sources"]
     shards = shard_list(cfg.shards)
     return [
         len(ConsumerPlan(shards, 5, cfg.shuffle_buffer, c, consumers, handover).tail)
@@ -152,7 +152,7 @@ def test_layout_can_change_twice(corpus):
     tails = _tail_sizes(cfg2, second, 1)
     assert sum(tails) == 24 - 14
     assert third[0]["handover"]["generation"] == 2
-    assert third[0]["handover"]["previous"]["generation"] == 1
+    assert third[0]["handover"]["sources"][0]["previous"]["generation"] == 1
     # Resuming the twice-handed-over state on the same layout continues it exactly.
     again = build_loader(cfg2, 0, 1, seed=5, state=third[0])
     straight_state = elastic_loader_state(second, 0, 1, cfg2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omni_train.data import DataConfig, build_loader, shard_list
-from omni_train.data import stream as stream_module
+from omni_train.data import consumer as consumer_module
 
 
 def _cfg(pattern: str, **overrides) -> DataConfig:
@@ -149,9 +149,11 @@ def test_resume_fast_forwards_without_decoding_or_reading_payloads(corpus, monke
         return wrapper
 
     monkeypatch.setattr(
-        stream_module, "decode_sample", counting("decode", stream_module.decode_sample)
+        consumer_module, "decode_sample", counting("decode", consumer_module.decode_sample)
     )
-    monkeypatch.setattr(stream_module, "read_sample", counting("read", stream_module.read_sample))
+    monkeypatch.setattr(
+        consumer_module, "read_sample", counting("read", consumer_module.read_sample)
+    )
     _take(build_loader(cfg, 0, 1, seed=0, state=first.state_dict()), 1)
     assert calls == {"decode": 2, "read": 2}
 

@@ -407,7 +407,7 @@ def test_validation_sees_the_inputs_a_training_step_would_give_the_model(
     # input, the clean latents and the masks reach the loss identically.
     import omni_train.trainer.step as step_module
     import omni_train.trainer.val_loss as val_module
-    from omni_train.data.stream import collate
+    from omni_train.data.batch import collate
     from omni_train.trainer.val_loss import clip_losses, encode_clip
 
     cfg, encoders, _ = prepared
