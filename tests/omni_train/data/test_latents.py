@@ -158,3 +158,15 @@ def test_a_pickled_text_embedding_is_a_corrupt_sample(media, tmp_path):
     (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
     assert sorted(batch["keys"]) == sorted(s["__key__"] for s in good)
     assert batch["corrupt_skipped"] == 1
+
+
+def test_a_precomputed_window_is_taken_as_stored(media, tmp_path):
+    # Without data.sources / data.buckets no clip length is checked: the window was encoded
+    # at its size (here the json says 5 frames, data.num_frames is 9).
+    samples = [_latent_sample(media, f"short{i}.mp4", i) for i in range(2)]
+    for sample in samples:
+        sample["json"] = media.meta_json(sample["__key__"], 5, 8.0, 16, 16, True)
+    media.write_shard(tmp_path / "shard-000000.tar", samples)
+    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
+    assert sorted(batch["keys"]) == sorted(s["__key__"] for s in samples)
+    assert batch["corrupt_skipped"] == 0

@@ -150,7 +150,7 @@ def test_a_state_of_another_number_of_sources_is_refused_on_resume(mix_corpus):
         build_loader(two, 0, 1, seed=4, state=loader.state_dict())
 
 
-def test_a_source_without_samples_fails_instead_of_hanging(mix_corpus, media, tmp_path):
+def test_a_source_without_samples_is_refused_naming_its_shards(mix_corpus, media, tmp_path):
     media.write_shard(tmp_path / "shard-000000.tar", [])
     sources = [_sources(mix_corpus)[0], SourceConfig("empty", str(tmp_path / "*.tar"), 1.0)]
     with pytest.raises(ValueError, match="hold no samples: re-run data_pipelines.shard"):
