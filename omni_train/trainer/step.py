@@ -72,33 +72,85 @@ class StepResult:
             text_tokens=[n for r in results for n in r.text_tokens],
         )
 
-    # Layout of the vector summed over ranks: [loss_sum, count, active per condition,
-    # (loss_sum, count) per task, corrupt_skipped].
-    def totals(self, device: torch.device) -> torch.Tensor:
-        values = [float(self.per_sample.sum()), float(self.per_sample.numel())]
-        values += [float(self.active[c].sum()) for c in CONDITIONS]
+    def totals(self, flops: float = 0.0) -> StepTotals:
+        """This rank's sums for the metrics row; ``flops``: the model FLOPs that ran here."""
+        task_sums, task_counts = {}, {}
         for task in TASKS:
             chosen = [i for i, t in enumerate(self.tasks) if t == task]
-            values += [float(self.per_sample[chosen].sum()) if chosen else 0.0, len(chosen)]
-        values.append(float(self.corrupt_skipped))
+            task_sums[task] = float(self.per_sample[chosen].sum()) if chosen else 0.0
+            task_counts[task] = float(len(chosen))
+        return StepTotals(
+            loss_sum=float(self.per_sample.sum()),
+            count=float(self.per_sample.numel()),
+            active={c: float(self.active[c].sum()) for c in CONDITIONS},
+            task_loss_sums=task_sums,
+            task_counts=task_counts,
+            corrupt_skipped=float(self.corrupt_skipped),
+            flops=float(flops),
+            text_tokens=float(sum(self.text_tokens)),
+        )
+
+
+@dataclass
+class StepTotals:
+    """The sums of one step on one rank (or, after ``from_tensor`` of the all-reduced
+    ``to_tensor()``, over all ranks) that the metrics row is built from."""
+
+    loss_sum: float
+    count: float
+    active: dict[str, float]  # samples with each condition on
+    task_loss_sums: dict[str, float]
+    task_counts: dict[str, float]
+    corrupt_skipped: float
+    flops: float  # model FLOPs that ran
+    text_tokens: float  # text positions that ran
+
+    def to_tensor(self, device: torch.device) -> torch.Tensor:
+        """One float64 vector, so one all-reduce sums every field."""
+        values = [self.loss_sum, self.count]
+        values += [self.active[c] for c in CONDITIONS]
+        values += [self.task_loss_sums[t] for t in TASKS]
+        values += [self.task_counts[t] for t in TASKS]
+        values += [self.corrupt_skipped, self.flops, self.text_tokens]
         return torch.tensor(values, dtype=torch.float64, device=device)
 
     @staticmethod
-    def row_from_totals(totals: list[float]) -> dict[str, float | int]:
-        loss_sum, count = totals[0], totals[1]
+    def from_tensor(vector: torch.Tensor) -> StepTotals:
+        values = vector.tolist()
+        expected = 2 + len(CONDITIONS) + 2 * len(TASKS) + 3
+        if len(values) != expected:
+            raise ValueError(f"a step totals vector has {expected} values, got {len(values)}")
+        conditions, tasks = len(CONDITIONS), len(TASKS)
+        sums_at, counts_at, rest_at = (
+            2 + conditions,
+            2 + conditions + tasks,
+            2 + conditions + 2 * tasks,
+        )
+        return StepTotals(
+            loss_sum=values[0],
+            count=values[1],
+            active=dict(zip(CONDITIONS, values[2:sums_at], strict=True)),
+            task_loss_sums=dict(zip(TASKS, values[sums_at:counts_at], strict=True)),
+            task_counts=dict(zip(TASKS, values[counts_at:rest_at], strict=True)),
+            corrupt_skipped=values[rest_at],
+            flops=values[rest_at + 1],
+            text_tokens=values[rest_at + 2],
+        )
+
+    def row(self) -> dict[str, float | int]:
+        """The loss, batch size, condition and task counts and skipped samples of a row."""
         row: dict[str, float | int] = {
-            "loss": loss_sum / max(count, 1.0),
-            "batch_size": int(count),
+            "loss": self.loss_sum / max(self.count, 1.0),
+            "batch_size": int(self.count),
         }
-        for i, cond in enumerate(CONDITIONS):
-            row[f"active_{cond}"] = int(totals[2 + i])
-        offset = 2 + len(CONDITIONS)
-        for i, task in enumerate(TASKS):
-            task_sum, task_count = totals[offset + 2 * i], totals[offset + 2 * i + 1]
+        for cond in CONDITIONS:
+            row[f"active_{cond}"] = int(self.active[cond])
+        for task in TASKS:
+            task_count = self.task_counts[task]
             row[f"count_task_{task}"] = int(task_count)
             if task_count:
-                row[f"loss_task_{task}"] = task_sum / task_count
-        row["corrupt_skipped"] = int(totals[-1])
+                row[f"loss_task_{task}"] = self.task_loss_sums[task] / task_count
+        row["corrupt_skipped"] = int(self.corrupt_skipped)
         return row
 
 

@@ -44,7 +44,7 @@ from omni_train.trainer.run_state import (
     read_json,
     resized_data_seed,
 )
-from omni_train.trainer.step import StepResult, compute_loss, step_seed
+from omni_train.trainer.step import StepResult, StepTotals, compute_loss, step_seed
 from omni_train.trainer.weights import export_weights, frozen_is_random
 
 log = logging.getLogger(__name__)
@@ -377,14 +377,13 @@ class Trainer:
         work = throughput.flops_of_samples(
             self.cfg.model, data.resolution, data.num_frames, result.text_tokens
         )
-        ran = torch.tensor([work, sum(result.text_tokens)], dtype=torch.float64)
-        totals = torch.cat([result.totals(self.device), ran.to(self.device)])
-        dist.all_reduce(totals)
-        *summed, step_flops, step_text_tokens = totals.tolist()
+        vector = result.totals(flops=work).to_tensor(self.device)
+        dist.all_reduce(vector)
+        totals = StepTotals.from_tensor(vector)
         peaks = throughput.peak_memory_gb(self.device)
         peak_values = torch.tensor(list(peaks.values()), device=self.device)
         dist.all_reduce(peak_values, op=dist.ReduceOp.MAX)
-        row = result.row_from_totals(summed)
+        row = totals.row()
         counts = torch.tensor(
             self.curriculum_meter.vector(), dtype=torch.float64, device=self.device
         )
@@ -392,7 +391,7 @@ class Trainer:
         row.update(self.curriculum_meter.flush(self.global_step - 1, counts.tolist()))
         grad_norm = self.engine.get_global_grad_norm() if finite else None
         samples_per_s = row["batch_size"] / max(elapsed, 1e-9)
-        flops_per_sample = step_flops / max(row["batch_size"], 1)
+        flops_per_sample = totals.flops / max(row["batch_size"], 1)
         lrs = self.scheduler.get_last_lr()
         row.update(
             step=self.global_step,
@@ -402,7 +401,7 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=samples_per_s,
             tokens_per_s=samples_per_s * self.tokens_per_sample,
-            text_tokens=step_text_tokens / max(row["batch_size"], 1),
+            text_tokens=totals.text_tokens / max(row["batch_size"], 1),
             tflops_per_s=samples_per_s * flops_per_sample / 1e12,
             step_time_s=elapsed,
             data_wait_s=data_wait,

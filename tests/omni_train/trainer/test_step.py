@@ -12,7 +12,7 @@ from omni_train.diffusion.config import DiffusionConfig
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
-from omni_train.trainer.step import StepResult, compute_loss, step_seed, task_of
+from omni_train.trainer.step import StepResult, StepTotals, compute_loss, step_seed, task_of
 
 
 def _batch(batch_size=2, frames=9, size=32):
@@ -164,14 +164,18 @@ def test_rows_sum_over_ranks_and_micro_batches():
             num_motion_latents=0,
             corrupt_skipped=1,
             tasks=tasks,
+            text_tokens=[2] * n,
         )
 
     merged = StepResult.merge(
         [result([1.0, 3.0], [True, False], ["audio", "text"]), result([2.0], [False], ["text"])]
     )
     other_rank = result([6.0], [True], ["audio"])
-    totals = merged.totals(torch.device("cpu")) + other_rank.totals(torch.device("cpu"))
-    row = StepResult.row_from_totals(totals.tolist())
+    cpu = torch.device("cpu")
+    summed = merged.totals(flops=10.0).to_tensor(cpu) + other_rank.totals(flops=5.0).to_tensor(cpu)
+    totals = StepTotals.from_tensor(summed)
+    assert (totals.flops, totals.text_tokens, totals.count) == (15.0, 8.0, 4.0)
+    row = totals.row()
     assert row["loss"] == pytest.approx(3.0)
     assert row["batch_size"] == 4
     assert (row["active_text"], row["active_ref"], row["active_audio"]) == (4, 0, 2)
@@ -191,3 +195,19 @@ def test_step_seeds_differ_by_every_coordinate():
     seeds = {step_seed(0, s, r, m) for s in range(3) for r in range(2) for m in range(2)}
     assert len(seeds) == 12
     assert step_seed(0, 1, 0, 0) == step_seed(0, 1, 0, 0)
+
+
+def test_step_totals_survive_the_vector_field_by_field():
+    totals = StepTotals(
+        loss_sum=1.0,
+        count=2.0,
+        active={"text": 3.0, "ref": 4.0, "audio": 5.0, "pose": 6.0},
+        task_loss_sums={"uncond": 7.0, "text": 8.0, "ref": 9.0, "audio": 10.0, "pose": 11.0},
+        task_counts={"uncond": 12.0, "text": 13.0, "ref": 14.0, "audio": 15.0, "pose": 16.0},
+        corrupt_skipped=17.0,
+        flops=18.0,
+        text_tokens=19.0,
+    )
+    assert StepTotals.from_tensor(totals.to_tensor(torch.device("cpu"))) == totals
+    with pytest.raises(ValueError, match="has 19 values, got 20"):
+        StepTotals.from_tensor(torch.zeros(20))
