@@ -148,7 +148,7 @@ class CurriculumMeter:
 
     In the training loop (all ranks)::
 
-        meter.add(step, masks, batch["quality"], batch["has_audio"])      # per micro-batch
+        meter.add(step, masks, batch.quality, batch.has_audio)            # per micro-batch
         summed = torch.tensor(meter.vector(), dtype=torch.float64)       # at a log step
         dist.all_reduce(summed)
         row.update(meter.flush(step, summed.tolist()))

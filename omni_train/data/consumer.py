@@ -35,7 +35,7 @@ import numpy as np
 from omni_train.contracts import SHARD_MEMBERS, key_hash
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.curriculum.schedule import source_weights_at
-from omni_train.data.batch import collate
+from omni_train.data.batch import Batch, collate
 from omni_train.data.config import BucketConfig, DataConfig
 from omni_train.data.decode import CorruptSample, decode_sample
 from omni_train.data.latents import decode_latent_sample
@@ -198,7 +198,7 @@ class ConsumerBatches:
             f"with {fix}"
         )
 
-    def __iter__(self) -> Iterator[tuple[dict, ConsumerPosition]]:
+    def __iter__(self) -> Iterator[tuple[Batch, ConsumerPosition]]:
         """(batch, position after it) forever."""
         self._check_not_empty()
         position = self.position

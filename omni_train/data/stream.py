@@ -6,7 +6,7 @@ its position is a few counts (omni_train.data.state). Resuming replays the shuff
 headers only, so no payload is read and no mp4 is decoded while fast-forwarding.
 
 Workers produce whole batches and the DataLoader hands them out in round robin, so batch b of
-a rank comes from worker b % num_workers; each batch carries its worker's position, and the
+a rank comes from worker b % num_workers; each batch comes with its worker's position, and the
 loader's state is the position of every worker after the batches handed out so far.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omni_train.curriculum.config import CurriculumConfig
+from omni_train.data.batch import Batch
 from omni_train.data.config import DataConfig
 from omni_train.data.consumer import ConsumerBatches, SourceSchedule
 from omni_train.data.plan import ShardIndex, resolve_split
@@ -52,7 +53,8 @@ class _RankBatches(IterableDataset):
         self.positions, self.rotation = positions, rotation
         self.schedule, self.handover = schedule, handover
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[Batch, int, ConsumerPosition]]:
+        """(batch, worker, that worker's position after it) forever."""
         info = get_worker_info()
         workers = len(self.positions)
         # The DataLoader always starts its round robin at worker 0; rotating makes its first
@@ -69,9 +71,7 @@ class _RankBatches(IterableDataset):
             self.handover,
         )
         for batch, position in batches:
-            batch["_worker"] = worker
-            batch["_position"] = position
-            yield batch
+            yield batch, worker, position
 
 
 class ResumableLoader:
@@ -109,7 +109,7 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_dict()
 
-    def _batches(self) -> Iterator[dict]:
+    def _batches(self) -> Iterator[tuple[Batch, int, ConsumerPosition]]:
         dataset = _RankBatches(
             self.cfg,
             self.sources,
@@ -134,20 +134,18 @@ class ResumableLoader:
             )
         )
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches; after each, ``corrupt_skipped`` and ``state_dict()`` count it in."""
         self._generation += 1
         generation = self._generation
-        for batch in self._batches():
+        for batch, worker, position in self._batches():
             if generation != self._generation:
                 raise RuntimeError("this loader iterator was replaced by a newer iter(loader)")
-            worker = batch.pop("_worker")
-            position = batch.pop("_position")
             expected = self.state.batches % self.num_workers
             if worker != expected:
                 raise RuntimeError(f"batch came from worker {worker}, expected {expected}")
             self.state.workers[worker] = position
             self.state.batches += 1
-            batch["corrupt_skipped"] = self.state.corrupt_skipped
             yield batch
 
 

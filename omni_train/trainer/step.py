@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from omni_train.contracts import CONDITIONS, SPATIAL_STRIDE, pixel_frames
+from omni_train.data.batch import Batch
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import flow_matching_loss, sample_timesteps
@@ -44,7 +45,7 @@ class StepResult:
     per_sample: torch.Tensor
     active: dict[str, torch.Tensor]
     num_motion_latents: int
-    corrupt_skipped: int = 0
+    corrupt_skipped: int = 0  # the loader's running count of skipped samples (this rank)
     tasks: list[str] = field(default_factory=list)
     # Per sample: the text positions the model ran (its batch's padded caption length).
     text_tokens: list[int] = field(default_factory=list)
@@ -185,17 +186,16 @@ class ModelInputs:
         }
 
 
-def _latents(encoders, batch: Mapping, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _latents(encoders, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip and reference latents: precomputed ones (data.precomputed) or VAE-encoded."""
-    if "latents" in batch:
-        return batch["latents"].to(device), batch["ref_latents"].to(device)
-    video = batch["video"].to(device)
-    return encoders.encode_video(video), encoders.encode_video(batch["ref"].to(device)[:, :, None])
+    if batch.precomputed:
+        return batch.latents, batch.ref_latents
+    return encoders.encode_video(batch.video), encoders.encode_video(batch.ref[:, :, None])
 
 
 def model_inputs(
     encoders,
-    batch: Mapping,
+    batch: Batch,
     device: torch.device,
     pose_sigma: float,
     audio_on: bool,
@@ -207,25 +207,25 @@ def model_inputs(
     none has, audio is not encoded (zeros) and keypoints are zeroed, since the model sees its
     learned nulls for them anyway.
     """
-    x0, ref_latents = _latents(encoders, batch, device)
+    batch = batch.to(device)
+    x0, ref_latents = _latents(encoders, batch)
     batch_size, _, latent_count, latent_h, latent_w = x0.shape
     num_frames = pixel_frames(latent_count)
     height, width = latent_h * SPATIAL_STRIDE, latent_w * SPATIAL_STRIDE
-    if "text_embeddings" in batch:  # precomputed by data_pipelines.encode
-        text = batch["text_embeddings"].to(device)
-        text_mask = batch["text_mask"].to(device)
+    if batch.text_embeddings is not None:  # precomputed by data_pipelines.encode
+        text, text_mask = batch.text_embeddings, batch.text_mask
     else:
-        text, text_mask = encoders.encode_text(list(batch["captions"]))
+        text, text_mask = encoders.encode_text(list(batch.captions))
     # Every module runs on every rank even when a condition is off for the whole micro-batch
     # (inactive samples see learned nulls): ZeRO's gradient reduction expects the same
     # parameters to produce gradients everywhere.
-    if "audio_features" in batch:
-        audio = batch["audio_features"].to(device)
+    if batch.audio_features is not None:
+        audio = batch.audio_features
     elif audio_on:
-        audio = encoders.encode_audio(batch["audio"].to(device), num_frames)
+        audio = encoders.encode_audio(batch.audio, num_frames)
     else:
         audio = torch.zeros(batch_size, num_frames, encoders.audio.dim, device=device)
-    keypoints = batch["keypoints"].to(device)
+    keypoints = batch.keypoints
     if not pose_on:
         keypoints = torch.zeros_like(keypoints)
     heatmaps = pose_heatmaps(keypoints, height, width, pose_sigma)
@@ -235,7 +235,7 @@ def model_inputs(
 def compute_loss(
     model: Callable[..., torch.Tensor],
     encoders,
-    batch: Mapping,
+    batch: Batch,
     masks: Mapping[str, np.ndarray],
     num_motion_latents: int,
     diffusion_cfg: DiffusionConfig,
@@ -250,7 +250,7 @@ def compute_loss(
     """
     active = {c: torch.as_tensor(np.asarray(masks[c]), device=device) for c in CONDITIONS}
     # A clip without an audio track cannot train audio, whatever its tag says.
-    active["audio"] = active["audio"] & batch["has_audio"].to(device)
+    active["audio"] = active["audio"] & batch.has_audio.to(device)
 
     inputs = model_inputs(
         encoders,
@@ -274,7 +274,6 @@ def compute_loss(
         per_sample=per_sample,
         active=active,
         num_motion_latents=num_motion_latents,
-        corrupt_skipped=int(batch.get("corrupt_skipped", 0)),
         tasks=tasks,
         text_tokens=[inputs.text.shape[1]] * batch_size,
     )

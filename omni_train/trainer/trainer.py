@@ -336,10 +336,8 @@ class Trainer:
             data_wait += time.perf_counter() - waited
             if not finite:
                 continue  # the step is skipped; still consume its batches (exact resume)
-            masks = condition_masks(
-                cfg.curriculum, step_index, batch["keys"], batch["quality"], cfg.seed
-            )
-            self.curriculum_meter.add(step_index, masks, batch["quality"], batch["has_audio"])
+            masks = condition_masks(cfg.curriculum, step_index, batch.keys, batch.quality, cfg.seed)
+            self.curriculum_meter.add(step_index, masks, batch.quality, batch.has_audio)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
             result = compute_loss(
@@ -353,6 +351,7 @@ class Trainer:
                 self.device,
                 cfg.data.pose_sigma,
             )
+            result.corrupt_skipped = self.loader.corrupt_skipped  # this rank's count so far
             bad, stop = self._agree(not bool(torch.isfinite(result.loss)), flag.raised)
             results.append(result.detach())
             if bad:

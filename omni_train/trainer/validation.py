@@ -63,10 +63,9 @@ class Validator:
 
             loader = build_loader(replace(data, num_workers=0), 0, 1, self.cfg.seed)
             batch = next(iter(loader))
-            count = min(vcfg.num_clips, len(batch["captions"]))
+            count = min(vcfg.num_clips, len(batch))
             self._inputs = [
-                (batch["ref"][i : i + 1], batch["audio"][i], batch["captions"][i])
-                for i in range(count)
+                (batch.ref[i : i + 1], batch.audio[i], batch.captions[i]) for i in range(count)
             ]
         return self._inputs
 

@@ -27,11 +27,11 @@ def fixed_clips(data: DataConfig, shards: str, count: int, seed: int) -> list[Te
     clips: list[Tensor] = []
     seen: set[str] = set()
     for batch in loader:
-        key = batch["keys"][0]
+        key = batch.keys[0]
         if key in seen or len(clips) >= count:
             break
         seen.add(key)
-        clips.append(batch["video"])
+        clips.append(batch.video)
     return clips
 
 

@@ -215,7 +215,7 @@ class VAETrainer:
             waited = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited
-            video = batch["video"].to(self.device)
+            video = batch.video.to(self.device)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
             if step_index < recipe.image_steps:

@@ -72,7 +72,7 @@ def _cfg(corpus, mix: str, **overrides) -> DataConfig:
 
 
 def _keys(loader, batches: int) -> list[str]:
-    return [k for batch in itertools.islice(iter(loader), batches) for k in batch["keys"]]
+    return [k for batch in itertools.islice(iter(loader), batches) for k in batch.keys]
 
 
 def _run_layout(cfg, world_size, batches, states=None, curriculum=None):
@@ -106,7 +106,7 @@ def _resume_until_tails_are_read(cfg, states, world_size, tails):
         state = elastic_loader_state(states, rank, world_size, cfg)
         loader = build_loader(cfg, rank, world_size, SEED, state)
         for count, batch in enumerate(loader, start=1):
-            keys += batch["keys"]
+            keys += batch.keys
             positions = loader.state_dict()["workers"]
             done = all(
                 len(p["sources"]) == len(tail)
@@ -223,8 +223,8 @@ def test_the_stage_weights_go_on_from_the_saved_step(mix_corpus):
     loader = build_loader(new_cfg, 0, 1, SEED, state, curriculum=curriculum)
     batches = list(itertools.islice(iter(loader), 12))  # steps 3-14
     land, tall = set(mix_corpus.keys["land"]), set(mix_corpus.keys["tall"])
-    assert [set(b["keys"]) <= land for b in batches] == [True] * 7 + [False] * 5
-    assert [set(b["keys"]) <= tall for b in batches] == [False] * 7 + [True] * 5
+    assert [set(b.keys) <= land for b in batches] == [True] * 7 + [False] * 5
+    assert [set(b.keys) <= tall for b in batches] == [False] * 7 + [True] * 5
 
 
 def test_a_state_the_config_cannot_continue_is_refused_with_the_fix(mix_corpus):

@@ -43,7 +43,7 @@ def _cfg(pattern: str, **overrides) -> DataConfig:
 
 
 def _keys(loader, batches: int) -> list[str]:
-    return [k for batch in itertools.islice(iter(loader), batches) for k in batch["keys"]]
+    return [k for batch in itertools.islice(iter(loader), batches) for k in batch.keys]
 
 
 def test_held_out_is_the_keyed_share_and_grows_with_it(corpus):
@@ -133,7 +133,7 @@ def test_the_shard_index_leaves_the_share_out_for_every_plan_built_on_it(corpus)
     sources = [shard_list(source.shards) for source in cfg.source_list()]
     mixed = ConsumerBatches(cfg, sources, 3, 0, 1, ConsumerPosition(), lambda _: [1.0, 1.0])
     assert sum(plan.epoch_size for plan in mixed.plans) == len(kept)
-    seen = [k for batch, _ in itertools.islice(iter(mixed), 20) for k in batch["keys"]]
+    seen = [k for batch, _ in itertools.islice(iter(mixed), 20) for k in batch.keys]
     assert set(seen) == set(kept)
 
 

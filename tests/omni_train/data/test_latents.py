@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -59,15 +61,16 @@ def test_batches_carry_latents_and_decode_no_video(latent_shards, monkeypatch):
 
     monkeypatch.setattr(consumer_module, "decode_sample", no_video)
     (batch,) = _take(build_loader(_cfg(pattern, batch_size=3), 0, 1, 0), 1)
-    assert batch["latents"].shape == (3, 4, 3, 2, 2) and batch["latents"].dtype.is_floating_point
-    assert batch["ref_latents"].shape == (3, 4, 1, 2, 2)
-    assert batch["audio"].shape == (3, 18_000) and batch["keypoints"].shape == (3, 9, 17, 3)
-    assert "video" not in batch
-    for i, key in enumerate(batch["keys"]):
+    assert batch.precomputed
+    assert batch.latents.shape == (3, 4, 3, 2, 2) and batch.latents.dtype.is_floating_point
+    assert batch.ref_latents.shape == (3, 4, 1, 2, 2)
+    assert batch.audio.shape == (3, 18_000) and batch.keypoints.shape == (3, 9, 17, 3)
+    assert batch.video is None and batch.ref is None
+    for i, key in enumerate(batch.keys):
         index = [s["__key__"] for s in samples].index(key)
-        assert float(batch["latents"][i].mean()) == index
-        assert float(batch["ref_latents"][i].mean()) == -index
-        assert bool(batch["has_audio"][i]) == (index % 2 == 0)
+        assert float(batch.latents[i].mean()) == index
+        assert float(batch.ref_latents[i].mean()) == -index
+        assert bool(batch.has_audio[i]) == (index % 2 == 0)
 
 
 def test_resume_is_exact_in_precomputed_mode(latent_shards):
@@ -78,7 +81,7 @@ def test_resume_is_exact_in_precomputed_mode(latent_shards):
     _take(first, 4)
     state = json.loads(json.dumps(first.state_dict()))
     resumed = _take(build_loader(cfg, 0, 1, seed=2, state=state), 3)
-    assert [b["keys"] for b in resumed] == [b["keys"] for b in straight[4:]]
+    assert [b.keys for b in resumed] == [b.keys for b in straight[4:]]
 
 
 class _CreatesFileWhenUnpickled:
@@ -102,11 +105,10 @@ def test_an_object_array_is_refused_and_never_unpickled(media, tmp_path):
     bad = _latent_sample(media, "bad.mp4", 9)
     bad["latents.npy"] = payload
     media.write_shard(tmp_path / "shards" / "shard-000000.tar", good[:1] + [bad] + good[1:])
-    batches = _take(
-        build_loader(_cfg(str(tmp_path / "shards" / "*.tar"), batch_size=3), 0, 1, 0), 1
-    )
-    assert sorted(batches[0]["keys"]) == sorted(s["__key__"] for s in good)
-    assert batches[0]["corrupt_skipped"] == 1
+    loader = build_loader(_cfg(str(tmp_path / "shards" / "*.tar"), batch_size=3), 0, 1, 0)
+    batches = _take(loader, 1)
+    assert sorted(batches[0].keys) == sorted(s["__key__"] for s in good)
+    assert loader.corrupt_skipped == 1
     assert not marker.exists()
 
 
@@ -124,16 +126,14 @@ def test_text_embeddings_are_padded_to_the_longest_with_a_mask(media, tmp_path):
         sample["text_embeddings.npy"] = _npy(np.full((tokens, 5), i + 1, np.float16))
     media.write_shard(tmp_path / "shard-000000.tar", samples)
     (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar"), batch_size=3), 0, 1, 0), 1)
-    assert batch["text_embeddings"].shape == (3, 3, 5)
-    assert (
-        batch["text_embeddings"].dtype == torch.float32 and batch["text_mask"].dtype == torch.bool
-    )
-    for i, key in enumerate(batch["keys"]):
+    assert batch.text_embeddings.shape == (3, 3, 5)
+    assert batch.text_embeddings.dtype == torch.float32 and batch.text_mask.dtype == torch.bool
+    for i, key in enumerate(batch.keys):
         index = [s["__key__"] for s in samples].index(key)
         tokens = [1, 3, 0][index]
-        assert batch["text_mask"][i].tolist() == [True] * tokens + [False] * (3 - tokens)
-        assert (batch["text_embeddings"][i, :tokens] == index + 1).all()
-        assert (batch["text_embeddings"][i, tokens:] == 0).all()
+        assert batch.text_mask[i].tolist() == [True] * tokens + [False] * (3 - tokens)
+        assert (batch.text_embeddings[i, :tokens] == index + 1).all()
+        assert (batch.text_embeddings[i, tokens:] == 0).all()
 
 
 def test_a_batch_with_text_embeddings_on_some_samples_only_drops_them(media, tmp_path):
@@ -141,8 +141,8 @@ def test_a_batch_with_text_embeddings_on_some_samples_only_drops_them(media, tmp
     samples[0]["text_embeddings.npy"] = _npy(np.ones((2, 5), np.float32))
     media.write_shard(tmp_path / "shard-000000.tar", samples)
     (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
-    assert "text_embeddings" not in batch and "text_mask" not in batch
-    assert batch["latents"].shape[0] == 2
+    assert batch.text_embeddings is None and batch.text_mask is None
+    assert batch.latents.shape[0] == 2
 
 
 def test_pad_text_refuses_mixed_widths():
@@ -155,9 +155,10 @@ def test_a_pickled_text_embedding_is_a_corrupt_sample(media, tmp_path):
     bad = _latent_sample(media, "tbad.mp4", 7)
     bad["text_embeddings.npy"] = _npy(np.empty(1, dtype=object))
     media.write_shard(tmp_path / "shard-000000.tar", [good[0], bad, good[1]])
-    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
-    assert sorted(batch["keys"]) == sorted(s["__key__"] for s in good)
-    assert batch["corrupt_skipped"] == 1
+    loader = build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0)
+    (batch,) = _take(loader, 1)
+    assert sorted(batch.keys) == sorted(s["__key__"] for s in good)
+    assert loader.corrupt_skipped == 1
 
 
 def test_a_precomputed_window_is_taken_as_stored(media, tmp_path):
@@ -167,6 +168,19 @@ def test_a_precomputed_window_is_taken_as_stored(media, tmp_path):
     for sample in samples:
         sample["json"] = media.meta_json(sample["__key__"], 5, 8.0, 16, 16, True)
     media.write_shard(tmp_path / "shard-000000.tar", samples)
-    (batch,) = _take(build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0), 1)
-    assert sorted(batch["keys"]) == sorted(s["__key__"] for s in samples)
-    assert batch["corrupt_skipped"] == 0
+    loader = build_loader(_cfg(str(tmp_path / "*.tar")), 0, 1, 0)
+    (batch,) = _take(loader, 1)
+    assert sorted(batch.keys) == sorted(s["__key__"] for s in samples)
+    assert loader.corrupt_skipped == 0
+
+
+def test_a_batch_is_on_one_path_and_moves_and_pickles_whole(latent_shards):
+    pattern, _ = latent_shards
+    (batch,) = _take(build_loader(_cfg(pattern, batch_size=3), 0, 1, 0), 1)
+    moved = batch.to("meta")
+    assert moved.latents.device.type == "meta" and moved.has_audio.device.type == "meta"
+    assert moved.keys == batch.keys and batch.latents.device.type == "cpu"
+    copy = pickle.loads(pickle.dumps(batch))
+    assert torch.equal(copy.latents, batch.latents) and copy.precomputed
+    with pytest.raises(ValueError, match="either video and ref .* or latents"):
+        dataclasses.replace(batch, video=torch.zeros(3, 3, 9, 16, 16))

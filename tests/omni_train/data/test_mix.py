@@ -66,7 +66,7 @@ def _take(loader, n):
 
 
 def _keys(batches):
-    return [k for b in batches for k in b["keys"]]
+    return [k for b in batches for k in b.keys]
 
 
 def test_sources_are_mixed_by_weight(mix_corpus):
@@ -100,20 +100,21 @@ def test_buckets_group_by_aspect_and_length_with_their_batch_sizes(mix_corpus):
     loader = build_loader(_cfg(mix_corpus, buckets=BUCKETS), 0, 1, 0)
     shapes = Counter()
     for batch in _take(loader, 40):
-        size, _, frames, height, width = batch["video"].shape
+        size, _, frames, height, width = batch.video.shape
         shapes[(size, frames, height, width)] += 1
-        tall = [k in mix_corpus.keys["tall"] for k in batch["keys"]]
+        tall = [k in mix_corpus.keys["tall"] for k in batch.keys]
         assert all(tall) or not any(tall), "a batch mixes buckets"
         assert all(tall) == (height > width)
-        assert batch["audio"].shape[1] == round(frames / 8.0 * 16_000)
+        assert batch.audio.shape[1] == round(frames / 8.0 * 16_000)
     assert set(shapes) == {(2, 9, 16, 24), (3, 9, 24, 16), (1, 17, 24, 16)}
 
 
 def test_a_clip_shorter_than_every_bucket_is_skipped_and_counted(mix_corpus):
     tall = _sources(mix_corpus)[1:]
     cfg = _cfg(mix_corpus, sources=tall, buckets=[BucketConfig([24, 16], 17, 1)])
-    batches = _take(build_loader(cfg, 0, 1, 0), 6)  # only the 24-frame clips fit
-    assert len(set(_keys(batches))) == 2 and batches[-1]["corrupt_skipped"] >= 4
+    loader = build_loader(cfg, 0, 1, 0)
+    batches = _take(loader, 6)  # only the 24-frame clips fit
+    assert len(set(_keys(batches))) == 2 and loader.corrupt_skipped >= 4
     cfg = _cfg(mix_corpus, buckets=[BucketConfig([16, 16], 33, 1)])  # nothing fits
     with pytest.raises(RuntimeError, match="no sample of data sources"):
         _take(build_loader(cfg, 0, 1, 0), 1)
@@ -128,10 +129,9 @@ def test_resume_with_sources_and_buckets_is_exact(mix_corpus, num_workers, consu
     state = json.loads(json.dumps(first.state_dict()))
     assert any(w["pending"] for w in state["workers"])  # samples waiting in a bucket
     resumed = _take(build_loader(cfg, 0, 2, seed=4, state=state), 5)
-    assert [b["keys"] for b in resumed] == [b["keys"] for b in straight[consumed:]]
+    assert [b.keys for b in resumed] == [b.keys for b in straight[consumed:]]
     assert all(
-        r["video"].shape == s["video"].shape
-        for r, s in zip(resumed, straight[consumed:], strict=True)
+        r.video.shape == s.video.shape for r, s in zip(resumed, straight[consumed:], strict=True)
     )
 
 

@@ -43,9 +43,9 @@ def _batches(loader, count: int, keys: list[str], frames: bool = False) -> list[
     """Per batch: the corpus index of each key, with (first window frame, reference frame)."""
     out = []
     for batch in itertools.islice(iter(loader), count):
-        indices = [keys.index(key) for key in batch["keys"]]
+        indices = [keys.index(key) for key in batch.keys]
         if frames:
-            video, ref = batch["video"], batch["ref"]
+            video, ref = batch.video, batch.ref
             indices = [
                 [i, _frame(float(video[b, 0, 0, 0, 0])), _frame(float(ref[b, 0, 0, 0]))]
                 for b, i in enumerate(indices)
@@ -347,13 +347,16 @@ def test_a_version_1_mix_resumes_with_its_waiting_sample(mix_corpus):
 
 def test_a_version_1_state_keeps_its_corrupt_count(corrupt_corpus):
     loader = build_loader(_cfg(corrupt_corpus.pattern), 0, 1, seed=0, state=V1_CORRUPT)
-    batches = list(itertools.islice(iter(loader), 3))
-    assert [[corrupt_corpus.keys.index(k) for k in b["keys"]] for b in batches] == [
+    batches, counts = [], []
+    for batch in itertools.islice(iter(loader), 3):
+        batches.append(batch)
+        counts.append(loader.corrupt_skipped)
+    assert [[corrupt_corpus.keys.index(k) for k in b.keys] for b in batches] == [
         [3, 1],
         [0, 3],
         [2, 4],
     ]
-    assert [b["corrupt_skipped"] for b in batches] == [2, 2, 2]
+    assert counts == [2, 2, 2]
 
 
 def _state_after(cfg, world_size, batches, seed, rank=0, states=None) -> dict:

@@ -31,7 +31,7 @@ def _cfg(pattern: str, **overrides) -> DataConfig:
 
 
 def _keys(loader, batches: int) -> list[str]:
-    return [k for batch in itertools.islice(iter(loader), batches) for k in batch["keys"]]
+    return [k for batch in itertools.islice(iter(loader), batches) for k in batch.keys]
 
 
 # ----------------------------------------------------------------------------- kill -9
@@ -41,7 +41,7 @@ def _train_until_killed(cfg, rank, world_size, save_after, kill_after, state_pat
     loader = build_loader(cfg, rank, world_size, seed=11)
     consumed = []
     for count, batch in enumerate(loader, start=1):
-        consumed += batch["keys"]
+        consumed += batch.keys
         if count == save_after:
             tmp = f"{state_path}.tmp"
             with open(tmp, "w") as handle:

@@ -10,6 +10,7 @@ import torch
 
 from omni_train.data import DataConfig, build_loader, shard_list
 from omni_train.data import consumer as consumer_module
+from omni_train.data.batch import Batch
 
 
 def _cfg(pattern: str, **overrides) -> DataConfig:
@@ -19,12 +20,17 @@ def _cfg(pattern: str, **overrides) -> DataConfig:
     return DataConfig(**{**base, **overrides})
 
 
-def _take(loader, n: int) -> list[dict]:
+def _take(loader, n: int) -> list[Batch]:
     return list(itertools.islice(iter(loader), n))
 
 
-def _keys(batches: list[dict]) -> list[str]:
-    return [key for batch in batches for key in batch["keys"]]
+def _corrupt_counts(loader, n: int) -> list[int]:
+    """The loader's count of skipped samples after each of its next ``n`` batches."""
+    return [loader.corrupt_skipped for _ in itertools.islice(iter(loader), n)]
+
+
+def _keys(batches: list[Batch]) -> list[str]:
+    return [key for batch in batches for key in batch.keys]
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -82,15 +88,16 @@ def test_fewer_shards_than_consumers_split_by_sample(media, tmp_path, world_size
 
 # ----------------------------------------------------------------------------- batches
 def test_batch_layout(corpus):
-    (batch,) = _take(build_loader(_cfg(corpus.pattern, batch_size=3), 0, 1, 0), 1)
-    assert batch["video"].shape == (3, 3, 9, 16, 16)
-    assert batch["ref"].shape == (3, 3, 16, 16)
-    assert batch["audio"].shape == (3, 18_000)
-    assert batch["keypoints"].shape == (3, 9, 17, 3)
-    assert batch["has_audio"].dtype == torch.bool and batch["has_audio"].shape == (3,)
-    assert len(batch["keys"]) == len(batch["captions"]) == len(batch["quality"]) == 3
-    assert batch["corrupt_skipped"] == 0
-    assert not any(name.startswith("_") for name in batch)
+    loader = build_loader(_cfg(corpus.pattern, batch_size=3), 0, 1, 0)
+    (batch,) = _take(loader, 1)
+    assert not batch.precomputed and batch.latents is None and batch.text_embeddings is None
+    assert batch.video.shape == (3, 3, 9, 16, 16)
+    assert batch.ref.shape == (3, 3, 16, 16)
+    assert batch.audio.shape == (3, 18_000)
+    assert batch.keypoints.shape == (3, 9, 17, 3)
+    assert batch.has_audio.dtype == torch.bool and batch.has_audio.shape == (3,)
+    assert len(batch.keys) == len(batch.captions) == len(batch.quality) == 3
+    assert loader.corrupt_skipped == 0
 
 
 def test_same_seed_same_stream_other_seed_other_order(corpus):
@@ -125,8 +132,8 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would(corpus, num_w
     resumed = _take(build_loader(cfg, 0, world_size, seed=3, state=state), 4)
 
     assert _keys(resumed) == _keys(uninterrupted[consumed:])
-    assert torch.equal(resumed[0]["video"], uninterrupted[consumed]["video"])
-    assert torch.equal(resumed[-1]["audio"], uninterrupted[-1]["audio"])
+    assert torch.equal(resumed[0].video, uninterrupted[consumed].video)
+    assert torch.equal(resumed[-1].audio, uninterrupted[-1].audio)
 
 
 def test_a_new_iter_continues_from_the_last_batch(corpus):
@@ -190,7 +197,7 @@ def test_pickle_members_are_never_unpickled(media, tmp_path):
         sample.update(pyd=payload, pickle=payload)
     media.write_shard(tmp_path / "shard-000000.tar", samples)
     batches = _take(build_loader(_cfg(str(tmp_path / "*.tar"), batch_size=3), 0, 1, 0), 2)
-    assert sorted(batches[0]["keys"]) == sorted(s["__key__"] for s in samples)
+    assert sorted(batches[0].keys) == sorted(s["__key__"] for s in samples)
     assert not marker.exists()
 
 
@@ -202,16 +209,18 @@ def test_corrupt_samples_are_skipped_counted_and_resumed_exactly(media, tmp_path
     media.write_shard(tmp_path / "shard-000001.tar", good[3:])
     cfg = _cfg(str(tmp_path / "*.tar"))
 
+    counts = _corrupt_counts(build_loader(cfg, 0, 1, seed=0), 5)
     batches = _take(build_loader(cfg, 0, 1, seed=0), 5)  # 10 samples: two epochs of 5
     assert Counter(_keys(batches)) == Counter({s["__key__"]: 2 for s in good})
-    assert batches[-1]["corrupt_skipped"] == 2
+    assert counts[-1] == 2
     assert broken["__key__"] not in _keys(batches)
 
     first = build_loader(cfg, 0, 1, seed=0)
     _take(first, 2)
+    resumed = build_loader(cfg, 0, 1, seed=0, state=first.state_dict())
+    assert _corrupt_counts(resumed, 3) == counts[2:]
     resumed = _take(build_loader(cfg, 0, 1, seed=0, state=first.state_dict()), 3)
     assert _keys(resumed) == _keys(batches[2:])
-    assert [b["corrupt_skipped"] for b in resumed] == [b["corrupt_skipped"] for b in batches[2:]]
 
 
 def test_shards_where_nothing_decodes_raise_instead_of_spinning(media, tmp_path):

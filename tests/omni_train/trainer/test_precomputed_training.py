@@ -4,6 +4,7 @@ calls a frozen encoder yet equals the loss of the same windows encoded on the fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zlib
@@ -15,6 +16,7 @@ import torch
 
 from data_pipelines.encode import EncodeConfig, run_encode
 from data_pipelines.testing import build_sample_shards, shard_members
+from omni_train.data.batch import Batch, collate
 from omni_train.testing import compose_train_config, run_ranks, train_in_rank
 
 pytestmark = pytest.mark.slow
@@ -57,27 +59,20 @@ def test_training_on_encoded_shards_gives_finite_losses(corpus, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
 
 
-def _raw_batch(data: Path, precomputed: dict, data_cfg) -> dict:
+def _raw_batch(data: Path, precomputed: Batch, data_cfg) -> Batch:
     """The precomputed batch's windows decoded and left for the encoders, as raw mode would."""
     from omni_train.data.decode import decode_sample
 
     members = shard_members(data)
     samples = []
-    for key in precomputed["keys"]:
+    for key in precomputed.keys:
         # The encode stage's own window choice for this key.
         rng = np.random.default_rng([SEED, zlib.crc32(key.encode("utf-8"))])
         samples.append(decode_sample({"__key__": key, **members[key]}, data_cfg, rng))
-    return {
-        "video": torch.stack([s["video"] for s in samples]),
-        "ref": torch.stack([s["ref"] for s in samples]),
-        "audio": torch.stack([s["audio"] for s in samples]),
-        # Keypoints are metadata (stored rounded in the json), not an encoder's output.
-        "keypoints": precomputed["keypoints"],
-        "captions": [s["caption"] for s in samples],
-        "keys": list(precomputed["keys"]),
-        "quality": [s["quality"] for s in samples],
-        "has_audio": torch.tensor([s["has_audio"] for s in samples]),
-    }
+    raw = collate(samples)
+    assert not raw.precomputed
+    # Keypoints are metadata (stored rounded in the json), not an encoder's output.
+    return dataclasses.replace(raw, keypoints=precomputed.keypoints)
 
 
 def test_precomputed_batch_skips_the_encoders_and_matches_on_the_fly_loss(
@@ -91,16 +86,16 @@ def test_precomputed_batch_skips_the_encoders_and_matches_on_the_fly_loss(
     data, encoded = corpus
     cfg, _ = compose_train_config(_overrides(tmp_path, encoded, 3))
     batch = next(iter(build_loader(cfg.data, 0, 1, seed=0)))
-    assert {"latents", "ref_latents", "audio_features", "text_embeddings", "text_mask"} <= set(
-        batch
-    )
-    assert batch["text_mask"].any(dim=1).all()
+    assert batch.precomputed
+    stored = (batch.latents, batch.ref_latents, batch.audio_features, batch.text_embeddings)
+    assert all(tensor is not None for tensor in stored)
+    assert batch.text_mask.any(dim=1).all()
 
     torch.manual_seed(SEED)  # the encode stage's random-init frozen weights
     encoders = build_frozen_encoders(cfg.model).eval()
     torch.manual_seed(1)
     denoiser = build_denoiser(cfg.model)
-    size = len(batch["keys"])
+    size = len(batch.keys)
     masks = {c: np.ones(size, bool) for c in ("text", "ref", "audio", "pose")}
 
     def loss_of(b):

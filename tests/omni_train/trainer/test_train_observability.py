@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tarfile
 
 import av
 import pytest
 
 from data_pipelines.testing import build_sample_shards, shard_members
+from omni_train.data import build_loader
 from omni_train.models.flops import train_flops_per_sample
 from omni_train.models.text_encoder import TextEncoder
 from omni_train.testing import compose_train_config, metric_rows, run_ranks, train_in_rank
@@ -73,3 +76,35 @@ def test_metrics_validation_clips_and_profiler_trace(tmp_path):
             assert sum(1 for _ in container.decode(video=0)) == 17
     traces = list((run_dir / "profile").glob("trace_rank0_steps1-2.json"))
     assert len(traces) == 1 and "traceEvents" in json.loads(traces[0].read_text())
+
+
+def test_rows_count_the_samples_the_loader_skipped(tmp_path):
+    data = build_sample_shards(tmp_path / "corpus", num_clips=3, seed=3)
+    members = next(iter(shard_members(data).values()))
+    with tarfile.open(data / "shards" / "broken.tar", "w") as tar:  # one mp4 that won't decode
+        for name, payload in (("broken.mp4", b"\x00" * 300), ("broken.json", members["json"])):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=smoke",
+        f"run_dir={run_dir}",
+        f"data.shards={data}/shards/*.tar",
+        "trainer.max_steps=4",
+        "trainer.save_every=4",
+        "logger.wandb.enabled=false",
+    ]
+    assert run_ranks(train_in_rank, 1, overrides) == [4]
+    cfg, _ = compose_train_config(overrides)
+    loader = build_loader(
+        cfg.data, 0, 1, cfg.seed, curriculum=cfg.curriculum, grad_accum=cfg.trainer.grad_accum
+    )
+    batches = iter(loader)
+    expected = []
+    for _ in range(4):
+        for _ in range(cfg.trainer.grad_accum):
+            next(batches)
+        expected.append(loader.corrupt_skipped)
+    assert expected[-1] >= 1
+    assert [r["corrupt_skipped"] for r in metric_rows(run_dir)] == expected
