@@ -204,7 +204,7 @@ def build_loader(
     )
     if cfg.mixed:
         schedule(0)  # a stage naming an unknown source fails here, not in a worker
-    fresh = LoaderState(
+    start = LoaderState(  # where this layout starts; a saved state must fit it and replaces it
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -216,7 +216,7 @@ def build_loader(
     )
     if state is not None:
         saved = LoaderState.from_dict(state)
-        saved.check_matches(fresh, num_sources=len(sources))
+        saved.check_matches(start, num_sources=len(sources))
         saved.val_holdout, saved.mixed = cfg.val_holdout, cfg.mixed
-        fresh = saved
-    return ResumableLoader(cfg, sources, rank, world_size, fresh, schedule)
+        start = saved
+    return ResumableLoader(cfg, sources, rank, world_size, start, schedule)
