@@ -142,3 +142,23 @@ def train_timed(overrides: Sequence[str]) -> tuple[Any, list[float]]:
     trainer._train_step = timed
     trainer.run()
     return trainer, times
+
+
+# Checkpoint layout tests of both trainers.
+# The data loader's own format (omni_train/data, whose tests cover reading older states): every
+# key earlier versions wrote must still be written; the loader may add keys of its own.
+CHECKPOINT_LOADER_KEYS = [
+    "batches",
+    "corrupt_before",
+    "corrupt_skipped",
+    "handover",
+    "num_shards",
+    "num_workers",
+    "rank",
+    "seed",
+    "val_holdout",
+    "version",
+    "workers",
+    "world_size",
+]
+CHECKPOINT_RNG_KEYS = ["numpy", "python", "torch"]  # and "cuda" on a GPU

@@ -12,30 +12,13 @@ import pytest
 from safetensors import safe_open
 
 from data_pipelines.testing import build_sample_shards
-from omni_train.testing import run_ranks, train_in_rank
+from omni_train.testing import CHECKPOINT_LOADER_KEYS, CHECKPOINT_RNG_KEYS, run_ranks, train_in_rank
 from omni_train.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-# The data loader's own format (omni_train/data, whose tests cover reading older states): every
-# key earlier versions wrote must still be written; the loader may add keys of its own.
-LOADER_KEYS = [
-    "batches",
-    "corrupt_before",
-    "corrupt_skipped",
-    "handover",
-    "num_shards",
-    "num_workers",
-    "rank",
-    "seed",
-    "val_holdout",
-    "version",
-    "workers",
-    "world_size",
-]
-RNG_KEYS = ["numpy", "python", "torch"]  # and "cuda" on a GPU
 # File -> its top-level JSON keys (None: not JSON). 2 ranks, ZeRO-2, EMA on, step 2 of 2.
-# loader_rank*.json: LOADER_KEYS at least.
+# loader_rank*.json: CHECKPOINT_LOADER_KEYS at least.
 EXPECTED_LAYOUT = {
     "complete.json": [
         "data_seed",
@@ -54,12 +37,12 @@ EXPECTED_LAYOUT = {
     "curriculum_counts.json": ["1"],
     "ema.safetensors": None,
     "frozen.safetensors": None,
-    "loader_rank00000.json": LOADER_KEYS,
-    "loader_rank00001.json": LOADER_KEYS,
+    "loader_rank00000.json": CHECKPOINT_LOADER_KEYS,
+    "loader_rank00001.json": CHECKPOINT_LOADER_KEYS,
     "model.safetensors": None,
     "mp_rank_00_model_states.pt": None,
-    "rng_rank00000.json": RNG_KEYS,
-    "rng_rank00001.json": RNG_KEYS,
+    "rng_rank00000.json": CHECKPOINT_RNG_KEYS,
+    "rng_rank00001.json": CHECKPOINT_RNG_KEYS,
     "zero_pp_rank_0_mp_rank_00_optim_states.pt": None,
     "zero_pp_rank_1_mp_rank_00_optim_states.pt": None,
 }
@@ -67,12 +50,12 @@ EXPECTED_LAYOUT = {
 
 def _layout(checkpoint: Path) -> dict[str, list[str] | None]:
     """Every file of ``checkpoint`` and its top-level JSON keys; the loader files' keys are
-    LOADER_KEYS when they hold at least those."""
+    CHECKPOINT_LOADER_KEYS when they hold at least those."""
     out: dict[str, list[str] | None] = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         keys = sorted(json.loads(path.read_text())) if path.suffix == ".json" else None
-        if path.name.startswith("loader_rank") and set(LOADER_KEYS) <= set(keys or []):
-            keys = LOADER_KEYS
+        if path.name.startswith("loader_rank") and set(CHECKPOINT_LOADER_KEYS) <= set(keys or []):
+            keys = CHECKPOINT_LOADER_KEYS
         out[str(path.relative_to(checkpoint))] = keys
     return out
 

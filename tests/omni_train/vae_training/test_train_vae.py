@@ -20,7 +20,7 @@ from omni_train.models.config import ModelConfig
 from omni_train.models.encoders import build_frozen_encoders
 from omni_train.models.vae import CausalVAE
 from omni_train.models.weights import WeightsMismatch, load_strict, read_metadata
-from omni_train.testing import metric_rows, run_ranks
+from omni_train.testing import CHECKPOINT_LOADER_KEYS, CHECKPOINT_RNG_KEYS, metric_rows, run_ranks
 from omni_train.vae_training.metrics import fixed_clips
 
 pytestmark = pytest.mark.slow
@@ -122,23 +122,6 @@ def test_checkpoints_and_the_run_hold_a_loadable_vae_file(uninterrupted):
     assert float(header["omni_train.vae.scaling_factor"]) == pytest.approx(meta["latent_scale"])
 
 
-# The data loader's own format (omni_train/data, whose tests cover reading older states): every
-# key earlier versions wrote must still be written; the loader may add keys of its own.
-LOADER_KEYS = [
-    "batches",
-    "corrupt_before",
-    "corrupt_skipped",
-    "handover",
-    "num_shards",
-    "num_workers",
-    "rank",
-    "seed",
-    "val_holdout",
-    "version",
-    "workers",
-    "world_size",
-]
-RNG_KEYS = ["numpy", "python", "torch"]  # and "cuda" on a GPU
 # File -> its top-level JSON keys (None: not JSON), recorded from a checkpoint written before
 # the trainer saved through CheckpointManager: earlier checkpoints must keep resuming.
 EXPECTED_LAYOUT = {
@@ -156,11 +139,11 @@ EXPECTED_LAYOUT = {
         "zero_stage",
     ],
     "config.yaml": None,
-    "loader_rank00000.json": LOADER_KEYS,
-    "loader_rank00001.json": LOADER_KEYS,
+    "loader_rank00000.json": CHECKPOINT_LOADER_KEYS,
+    "loader_rank00001.json": CHECKPOINT_LOADER_KEYS,
     "mp_rank_00_model_states.pt": None,
-    "rng_rank00000.json": RNG_KEYS,
-    "rng_rank00001.json": RNG_KEYS,
+    "rng_rank00000.json": CHECKPOINT_RNG_KEYS,
+    "rng_rank00001.json": CHECKPOINT_RNG_KEYS,
     "vae.safetensors": None,
     "zero_pp_rank_0_mp_rank_00_optim_states.pt": None,
     "zero_pp_rank_1_mp_rank_00_optim_states.pt": None,
@@ -174,8 +157,10 @@ def test_checkpoints_hold_the_files_and_keys_earlier_versions_wrote(uninterrupte
         layout = {}
         for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
             keys = sorted(json.loads(path.read_text())) if path.suffix == ".json" else None
-            if path.name.startswith("loader_rank") and set(LOADER_KEYS) <= set(keys or []):
-                keys = LOADER_KEYS
+            if path.name.startswith("loader_rank") and set(CHECKPOINT_LOADER_KEYS) <= set(
+                keys or []
+            ):
+                keys = CHECKPOINT_LOADER_KEYS
             layout[str(path.relative_to(checkpoint))] = keys
         assert layout == EXPECTED_LAYOUT, name
     assert sorted(read_metadata(run_dir / "vae.safetensors")) == [
