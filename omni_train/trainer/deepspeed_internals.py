@@ -1,9 +1,9 @@
 """Every use of DeepSpeed's private API, in one place.
 
 The names below are not DeepSpeed's public interface; they are checked against the installed
-release by tests/omni_train/trainer/test_deepspeed_internals.py, which also pins that release
-to the range pyproject.toml declares (SUPPORTED_DEEPSPEED). A DeepSpeed upgrade past that
-range must pass that test first.
+release by tests/omni_train/trainer/test_deepspeed_internals.py, which also checks that the
+release is in the range pyproject.toml declares. A DeepSpeed upgrade past that range must pass
+that test first.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import sys
 from typing import Any
 
 import torch
-
-SUPPORTED_DEEPSPEED = ">=0.16,<0.20"  # the same range as pyproject.toml's dependency
 
 # Where each ZeRO optimizer keeps reduced gradients of earlier micro-batches, which
 # engine.zero_grad() leaves alone (the optimizer step normally consumes them).

@@ -25,10 +25,9 @@ def _declared_range() -> SpecifierSet:
     return SpecifierSet(spec.removeprefix("deepspeed"))
 
 
-def test_the_supported_range_is_the_declared_one_and_holds_the_installed_release():
+def test_the_installed_release_is_in_the_declared_range():
     import deepspeed
 
-    assert SpecifierSet(internals.SUPPORTED_DEEPSPEED) == _declared_range()
     assert Version(deepspeed.__version__) in _declared_range()
 
 
