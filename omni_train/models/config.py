@@ -117,9 +117,35 @@ class DiTConfig:
     attention: str = "auto"
 
 
+BACKBONE_FAMILIES = ("", "wan", "hunyuan_video")
+
+
+@dataclass
+class BackboneConfig:
+    # Which transformer predicts the velocity. "" = this project's MMDiT, sized by `dit`;
+    # "wan" = diffusers' WanTransformer3DModel (Wan 2.1/2.2, a cross-attention DiT);
+    # "hunyuan_video" = diffusers' HunyuanVideoTransformer3DModel (dual- then single-stream
+    # MMDiT). A family's omni-condition modules (audio cross-attention, pose guider, motion
+    # frames, learned nulls) are added around the base with zero-initialised outputs.
+    family: str = ""
+    # Base weights. A family: a local diffusers directory (the transformer's own, as
+    # save_pretrained writes it with sharded safetensors, or a whole pipeline's, whose
+    # transformer/ is used). "": a safetensors file of this project's denoiser (e.g. a run's
+    # model.safetensors). Empty = random init (tests, smoke runs).
+    pretrained: str = ""
+    # Random-init family only: keyword arguments of the diffusers class replacing its defaults
+    # (the released 13B/14B shapes), e.g. a tiny one for tests; a pretrained directory brings
+    # its own config.
+    diffusers_config: dict[str, Any] = field(default_factory=dict)
+    # HunyuanVideo's transformer is guidance-distilled: it takes the guidance scale as an
+    # input (its pipeline's default guidance_scale is 6.0).
+    embedded_guidance: float = 6.0
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

@@ -16,9 +16,10 @@ from torch import nn
 from omni_train.contracts import CONDITIONS, latent_frames
 from omni_train.models.attention import BACKENDS
 from omni_train.models.conditioning import AudioProjector, PoseGuider, TimestepEmbedding
-from omni_train.models.config import ModelConfig
+from omni_train.models.config import BACKBONE_FAMILIES, ModelConfig
 from omni_train.models.mmdit import MMDiT
 from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
+from omni_train.models.weights import load_strict
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -93,6 +94,10 @@ class OmniDenoiser(nn.Module):
             attention_backend=dit.attention,
             gradient_checkpointing=dit.gradient_checkpointing,
             checkpoint_every_n_blocks=dit.checkpoint_every_n_blocks,
+        )
+        # The base's attention and MLP linears (trainer.finetune.mode=lora adapts them).
+        self.lora_target_modules = (
+            r"backbone\.blocks\.\d+\.(text|video)\.(qkv|attn_out|mlp\.0|mlp\.2)"
         )
         # Modules that do not exist in a text-to-video MMDiT: a trainer may give them their own lr.
         self.new_module_prefixes: tuple[str, ...] = (
@@ -223,8 +228,31 @@ def _condition_flags(
     return flags
 
 
-def build_denoiser(cfg: ModelConfig) -> OmniDenoiser:
-    return OmniDenoiser(cfg)
+def build_denoiser(cfg: ModelConfig) -> nn.Module:
+    """The velocity model of ``cfg.backbone.family`` with its base weights loaded.
+
+    Every family has the same forward as OmniDenoiser and names its parameters in two sets:
+    ``new_module_prefixes`` (the omni-condition modules, absent from a text-to-video base) and
+    ``lora_target_modules`` (a regex over module names: the base's attention and MLP linears).
+    """
+    family = cfg.backbone.family
+    if family not in BACKBONE_FAMILIES:
+        raise ValueError(
+            f"model.backbone.family={family!r} is not one of {BACKBONE_FAMILIES} "
+            "('' = this project's MMDiT)"
+        )
+    if family == "wan":
+        from omni_train.models.wan_denoiser import WanOmniDenoiser
+
+        return WanOmniDenoiser(cfg)
+    if family == "hunyuan_video":
+        from omni_train.models.hunyuan_denoiser import HunyuanOmniDenoiser
+
+        return HunyuanOmniDenoiser(cfg)
+    denoiser = OmniDenoiser(cfg)
+    if cfg.backbone.pretrained:
+        load_strict(denoiser, cfg.backbone.pretrained, "model.backbone.pretrained")
+    return denoiser
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
