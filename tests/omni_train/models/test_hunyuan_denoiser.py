@@ -24,6 +24,7 @@ pytest.importorskip(
 
 from omni_train.diffusion.flow import flow_matching_loss  # noqa: E402
 from omni_train.models.denoiser import build_denoiser  # noqa: E402
+from omni_train.models.encoders import build_frozen_encoders  # noqa: E402
 from omni_train.models.hunyuan_denoiser import HunyuanOmniDenoiser  # noqa: E402
 from omni_train.testing import compose_train_config  # noqa: E402
 
@@ -109,6 +110,18 @@ def assert_same(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
 
 
+def randomised(model, names):
+    """A copy with the parameters whose names full-match ``names`` drawn at random, as if
+    trained."""
+    gen = torch.Generator().manual_seed(123)
+    live = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in live.named_parameters():
+            if any(re.fullmatch(pattern, name) for pattern in names):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return live
+
+
 def per_frame_change(a, b):
     return (a - b).abs().amax(dim=(0, 1, 3, 4))
 
@@ -139,6 +152,13 @@ def test_reference_off_samples_equal_the_base_in_any_batch(cfg, model, ref, text
             assert (out[i] - expected[i]).abs().max() > 1e-3
         else:
             assert_same(out[i], expected[i])
+
+
+def test_trained_pooled_vector_and_null_token_feed_the_base(cfg, model):
+    live = randomised(model, ["pooled_text", "null_text"])
+    inputs = make_inputs(cfg, ref=[False, False], text=[True, False])
+    assert_same(run(live, inputs), bare(live, inputs))
+    assert (run(live, inputs) - run(model, inputs)).abs().max() > 1e-2
 
 
 def test_inputs_absent_are_the_nulls(cfg, model):
@@ -198,16 +218,6 @@ def test_reference_equal_to_frame_zero_is_frame_zero_in_every_block(cfg, model):
 
 
 # The new modules: zero-initialised outputs, live once trained.
-
-
-def randomised(model, names):
-    gen = torch.Generator().manual_seed(123)
-    live = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in live.named_parameters():
-            if any(re.fullmatch(pattern, name) for pattern in names):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return live
 
 
 def test_audio_once_trained_changes_the_output(cfg, model):
@@ -359,6 +369,27 @@ def test_build_denoiser_trains_base_and_new_modules(cfg):
     torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
     for name, param in checkpointed.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], rtol=0, atol=1e-6)
+
+
+def test_tiny_preset_encoders_feed_the_denoiser(cfg, model):
+    torch.manual_seed(0)
+    encoders = build_frozen_encoders(cfg).eval()
+    gen = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, PIXEL_FRAMES, 8 * LATENT, 8 * LATENT, generator=gen) * 2 - 1
+    latents = encoders.encode_video(video)
+    text, text_mask = encoders.encode_text(["a person talks"])
+    audio = encoders.encode_audio(torch.randn(1, 16_000, generator=gen), PIXEL_FRAMES)
+    inputs = make_inputs(cfg, batch=1)
+    inputs.update(
+        noisy=latents,
+        text=text,
+        text_mask=text_mask,
+        ref_latents=latents[:, :, :1],
+        audio_features=audio,
+    )
+    out = run(model, inputs)
+    assert latents.shape == out.shape == (1, 16, FRAMES, LATENT, LATENT)
+    assert torch.isfinite(out).all()
 
 
 def test_released_shapes_have_13b_parameters(tmp_path):
