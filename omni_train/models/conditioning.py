@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_train.contracts import (
+    CONDITIONS,
     SPATIAL_STRIDE,
     TEMPORAL_STRIDE,
     check_pixel_frames,
@@ -148,3 +149,61 @@ class PoseGuider(nn.Module):
         for conv in self.down:
             x = F.silu(conv(x))
         return stack_neighbor_frames(self.proj_out(x), self.neighbor_frames)
+
+
+def condition_flags(
+    active: dict[str, torch.Tensor], batch: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per-sample on/off (B,) bool for every condition; a missing or misshapen one is an error."""
+    missing = [name for name in CONDITIONS if name not in active]
+    if missing:
+        raise KeyError(f"active is missing conditions {missing}; give all of {CONDITIONS}")
+    flags = {}
+    for name in CONDITIONS:
+        flag = torch.as_tensor(active[name], device=device).bool()
+        if flag.shape != (batch,):
+            raise ValueError(f"active[{name!r}] has shape {tuple(flag.shape)}, want ({batch},)")
+        flags[name] = flag
+    return flags
+
+
+def pose_features(
+    guider: PoseGuider,
+    heatmaps: torch.Tensor | None,
+    pose_on: torch.Tensor,
+    latent_shape: torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The pose guider's features on the latent grid, zero for samples with pose off (or none)."""
+    batch, _, frames, height, width = latent_shape
+    if heatmaps is None:
+        zeros_shape = (batch, guider.out_channels, frames, height, width)
+        return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
+    features = guider(heatmaps.to(dtype))
+    if features.shape[2:] != (frames, height, width):
+        raise ValueError(
+            f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
+            f"{tuple(features.shape[2:])} grid, the latents are {(frames, height, width)}"
+        )
+    return features * pose_on.to(dtype)[:, None, None, None, None]
+
+
+def audio_tokens(
+    projector: AudioProjector,
+    null_audio: torch.Tensor,
+    features: torch.Tensor | None,
+    audio_on: torch.Tensor,
+    frames: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(B, L, K, hidden) audio tokens per latent frame; the learned null where audio is off."""
+    null = null_audio.expand(audio_on.shape[0], frames, -1, -1)
+    if features is None:
+        return null
+    if latent_frames(features.shape[1]) != frames:
+        raise ValueError(
+            f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
+            f"need {1 + 4 * (frames - 1)}"
+        )
+    tokens = projector(features.to(dtype))
+    return torch.where(audio_on[:, None, None, None], tokens, null)

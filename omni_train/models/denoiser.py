@@ -13,9 +13,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from omni_train.contracts import CONDITIONS, latent_frames
 from omni_train.models.attention import BACKENDS
-from omni_train.models.conditioning import AudioProjector, PoseGuider, TimestepEmbedding
+from omni_train.models.conditioning import (
+    AudioProjector,
+    PoseGuider,
+    TimestepEmbedding,
+    audio_tokens,
+    condition_flags,
+    pose_features,
+)
 from omni_train.models.config import BACKBONE_FAMILIES, ModelConfig
 from omni_train.models.mmdit import MMDiT
 from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
@@ -127,11 +133,11 @@ class OmniDenoiser(nn.Module):
             raise ValueError(f"latent size {height}x{width} must divide by patch_size={patch}")
         if not 0 <= num_motion_latents < frames:
             raise ValueError(f"num_motion_latents={num_motion_latents} not in [0, {frames})")
-        flags = _condition_flags(active, batch, noisy.device)
+        flags = condition_flags(active, batch, noisy.device)
         dtype = self.patch_embed.weight.dtype
         grid_h, grid_w = height // patch, width // patch
 
-        pose = self._pose_features(pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
         frame_tokens = self.patch_embed(patchify(noisy.to(dtype), patch))
         frame_tokens = frame_tokens + self.pose_patch_embed(patchify(pose, patch))
         # Applied even with no motion frames, so the parameter always gets a (zero) gradient.
@@ -145,7 +151,9 @@ class OmniDenoiser(nn.Module):
         text_tokens, text_keys = self._text_tokens(text, text_mask, flags["text"], dtype)
         video_keys = text_keys.new_ones(batch, video.shape[1])
         key_mask = torch.cat([text_keys, video_keys], dim=1)[:, None, None, :]
-        audio_tokens = self._audio_tokens(audio_features, flags["audio"], batch, frames, dtype)
+        audio = audio_tokens(
+            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+        )
         cond = self.timestep_embed(timesteps.to(noisy.device))
         positions = video_stream_positions(frames, grid_h, grid_w).to(noisy.device)
         rope_cos, rope_sin = rope_cos_sin(positions, self.rope_axes, self.rope_theta, dtype)
@@ -157,29 +165,10 @@ class OmniDenoiser(nn.Module):
             key_mask,
             rope_cos,
             rope_sin,
-            audio_tokens,
+            audio,
             num_frame_tokens=frame_tokens.shape[1],
         )
         return unpatchify(patches, frames, grid_h, grid_w, patch)
-
-    def _pose_features(
-        self,
-        heatmaps: torch.Tensor | None,
-        pose_on: torch.Tensor,
-        latent_shape: torch.Size,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        batch, _, frames, height, width = latent_shape
-        if heatmaps is None:
-            zeros_shape = (batch, self.pose_guider.out_channels, frames, height, width)
-            return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
-        features = self.pose_guider(heatmaps.to(dtype))
-        if features.shape[2:] != (frames, height, width):
-            raise ValueError(
-                f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
-                f"{tuple(features.shape[2:])} grid, the latents are {(frames, height, width)}"
-            )
-        return features * pose_on.to(dtype)[:, None, None, None, None]
 
     def _text_tokens(
         self, text: torch.Tensor, text_mask: torch.Tensor, text_on: torch.Tensor, dtype: torch.dtype
@@ -192,40 +181,6 @@ class OmniDenoiser(nn.Module):
         only_first[:, 0] = True
         keys = torch.where(text_on[:, None], text_mask.bool(), only_first)
         return tokens, keys
-
-    def _audio_tokens(
-        self,
-        features: torch.Tensor | None,
-        audio_on: torch.Tensor,
-        batch: int,
-        frames: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        null = self.null_audio.expand(batch, frames, -1, -1)
-        if features is None:
-            return null
-        if latent_frames(features.shape[1]) != frames:
-            raise ValueError(
-                f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
-                f"need {1 + 4 * (frames - 1)}"
-            )
-        tokens = self.audio_projector(features.to(dtype))
-        return torch.where(audio_on[:, None, None, None], tokens, null)
-
-
-def _condition_flags(
-    active: dict[str, torch.Tensor], batch: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    missing = [name for name in CONDITIONS if name not in active]
-    if missing:
-        raise KeyError(f"active is missing conditions {missing}; give all of {CONDITIONS}")
-    flags = {}
-    for name in CONDITIONS:
-        flag = torch.as_tensor(active[name], device=device).bool()
-        if flag.shape != (batch,):
-            raise ValueError(f"active[{name!r}] has shape {tuple(flag.shape)}, want ({batch},)")
-        flags[name] = flag
-    return flags
 
 
 def build_denoiser(cfg: ModelConfig) -> nn.Module:

@@ -30,10 +30,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.contracts import latent_frames
-from omni_train.models.conditioning import AudioProjector, PoseGuider
+from omni_train.models.conditioning import (
+    AudioProjector,
+    PoseGuider,
+    audio_tokens,
+    condition_flags,
+    pose_features,
+)
 from omni_train.models.config import ModelConfig
-from omni_train.models.denoiser import _condition_flags
 from omni_train.models.foundation_backbone import load_diffusers_transformer
 from omni_train.models.mmdit import FrameAudioCrossAttention
 
@@ -115,7 +119,7 @@ class HunyuanOmniDenoiser(nn.Module):
                 f"ref_latents {tuple(ref_latents.shape)} must be one latent frame shaped like "
                 f"the noisy latents' frames: {(batch, channels, 1, height, width)}"
             )
-        flags = _condition_flags(active, batch, noisy.device)
+        flags = condition_flags(active, batch, noisy.device)
         dtype = base.x_embedder.proj.weight.dtype
         grid_h, grid_w = height // patch, width // patch
         per_frame = grid_h * grid_w
@@ -143,7 +147,7 @@ class HunyuanOmniDenoiser(nn.Module):
         context = base.context_embedder(text_tokens, timestep, text_keys)
 
         frame_tokens = base.x_embedder(noisy.to(dtype))
-        pose = self._pose_features(pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
         frame_tokens = frame_tokens + self.pose_patch_embed(pose).flatten(2).transpose(1, 2)
         # Applied even with no motion frames, so the parameter always gets a (zero) gradient.
         is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
@@ -156,7 +160,9 @@ class HunyuanOmniDenoiser(nn.Module):
         frame_keys = text_keys.new_ones(batch, num_frame_tokens)
         ref_keys = flags["ref"][:, None].expand(-1, per_frame)
         key_mask = torch.cat([frame_keys, ref_keys, text_keys], dim=1)[:, None, None, :]
-        audio = self._audio_tokens(audio_features, flags["audio"], batch, frames, dtype)
+        audio = audio_tokens(
+            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+        )
 
         blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
         for block, audio_attn in zip(blocks, self.audio_attn, strict=True):
@@ -183,44 +189,6 @@ class HunyuanOmniDenoiser(nn.Module):
         only_first[:, 0] = True
         keys = torch.where(text_on[:, None], text_mask.bool(), only_first)
         return tokens, keys
-
-    def _pose_features(
-        self,
-        heatmaps: torch.Tensor | None,
-        pose_on: torch.Tensor,
-        latent_shape: torch.Size,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        batch, _, frames, height, width = latent_shape
-        if heatmaps is None:
-            zeros_shape = (batch, self.pose_guider.out_channels, frames, height, width)
-            return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
-        features = self.pose_guider(heatmaps.to(dtype))
-        if features.shape[2:] != (frames, height, width):
-            raise ValueError(
-                f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
-                f"{tuple(features.shape[2:])} grid, the latents are {(frames, height, width)}"
-            )
-        return features * pose_on.to(dtype)[:, None, None, None, None]
-
-    def _audio_tokens(
-        self,
-        features: torch.Tensor | None,
-        audio_on: torch.Tensor,
-        batch: int,
-        frames: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        null = self.null_audio.expand(batch, frames, -1, -1)
-        if features is None:
-            return null
-        if latent_frames(features.shape[1]) != frames:
-            raise ValueError(
-                f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
-                f"need {1 + 4 * (frames - 1)}"
-            )
-        tokens = self.audio_projector(features.to(dtype))
-        return torch.where(audio_on[:, None, None, None], tokens, null)
 
 
 def check_base_matches(config, cfg: ModelConfig) -> None:

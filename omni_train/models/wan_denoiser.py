@@ -22,9 +22,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.models.conditioning import AudioProjector, PoseGuider
+from omni_train.models.conditioning import (
+    AudioProjector,
+    PoseGuider,
+    audio_tokens,
+    condition_flags,
+    pose_features,
+)
 from omni_train.models.config import ModelConfig
-from omni_train.models.denoiser import _condition_flags
 from omni_train.models.foundation_backbone import load_diffusers_transformer
 from omni_train.models.mmdit import FrameAudioCrossAttention
 
@@ -101,7 +106,7 @@ class WanOmniDenoiser(nn.Module):
             raise ValueError(f"latent size {height}x{width} must divide by {self.patch_size[1:]}")
         if not 0 <= num_motion_latents < frames:
             raise ValueError(f"num_motion_latents={num_motion_latents} not in [0, {frames})")
-        flags = _condition_flags(active, batch, noisy.device)
+        flags = condition_flags(active, batch, noisy.device)
         dtype = base.patch_embedding.weight.dtype
         grid_h, grid_w = height // patch_h, width // patch_w
         per_frame = grid_h * grid_w
@@ -113,7 +118,7 @@ class WanOmniDenoiser(nn.Module):
             torch.cat([rope_sin, rope_sin[:, :per_frame]], dim=1),
         )
         frame_tokens = _tokens(base.patch_embedding(noisy.to(dtype)))
-        pose = self._pose_features(pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
         frame_tokens = frame_tokens + _tokens(self.pose_patch_embed(pose))
         is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
         is_motion = is_motion.repeat_interleave(per_frame).to(dtype)
@@ -127,7 +132,9 @@ class WanOmniDenoiser(nn.Module):
             timesteps.to(noisy.device) * 1000.0, self._text(text, text_mask, flags["text"], dtype)
         )
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
-        audio = self._audio_tokens(audio_features, flags["audio"], batch, frames, dtype)
+        audio = audio_tokens(
+            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+        )
 
         for block, audio_attn in zip(base.blocks, self.audio_attn, strict=True):
             args = (hidden, context, timestep_proj, rope, self_mask, audio, num_frame_tokens)
@@ -160,44 +167,6 @@ class WanOmniDenoiser(nn.Module):
         null = torch.zeros_like(padded[0])
         null[0] = self.null_text
         return torch.where(text_on[:, None, None], padded, null)
-
-    def _pose_features(
-        self,
-        heatmaps: torch.Tensor | None,
-        pose_on: torch.Tensor,
-        latent_shape: torch.Size,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        batch, _, frames, height, width = latent_shape
-        if heatmaps is None:
-            zeros_shape = (batch, self.pose_guider.out_channels, frames, height, width)
-            return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
-        features = self.pose_guider(heatmaps.to(dtype))
-        if features.shape[2:] != (frames, height, width):
-            raise ValueError(
-                f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
-                f"{tuple(features.shape[2:])} grid, the latents are {(frames, height, width)}"
-            )
-        return features * pose_on.to(dtype)[:, None, None, None, None]
-
-    def _audio_tokens(
-        self,
-        features: torch.Tensor | None,
-        audio_on: torch.Tensor,
-        batch: int,
-        frames: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        null = self.null_audio.expand(batch, frames, -1, -1)
-        if features is None:
-            return null
-        tokens = self.audio_projector(features.to(dtype))
-        if tokens.shape[1] != frames:
-            raise ValueError(
-                f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
-                f"need {1 + 4 * (frames - 1)}"
-            )
-        return torch.where(audio_on[:, None, None, None], tokens, null)
 
 
 def check_base_matches(config, cfg: ModelConfig) -> None:
