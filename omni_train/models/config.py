@@ -46,12 +46,36 @@ class VAEConfig:
     patch_shortcut: bool = False
 
 
+# HunyuanVideo's prompt template (DEFAULT_PROMPT_TEMPLATE of diffusers'
+# pipelines/hunyuan_video/pipeline_hunyuan_video.py): the caption replaces {}, and the
+# text encoder's states of the tokens before it are cropped away (95 with its Llama-3 tokenizer).
+HUNYUAN_VIDEO_PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following "
+    "aspects: 1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+
+
 @dataclass
 class TextEncoderConfig:
-    # Dotted path of another text encoder's builder, called with this config; "" = T5.
+    # Dotted path of another text encoder's builder, called with this config; "" = the
+    # transformers model named by ``architecture``.
     _target_: str = ""
-    # A local directory usable by transformers' from_pretrained (T5EncoderModel + tokenizer);
-    # "" = a T5 encoder from the sizes below with the byte-level (ByT5) tokenizer.
+    # "t5": T5EncoderModel (T5, T5 v1.1, Flan-T5, mT5), last hidden state.
+    # "umt5": UMT5EncoderModel (Wan's umT5-XXL; unlike T5 every layer has its own relative
+    #   attention bias, so its weights must not be loaded as "t5"), last hidden state.
+    # "llama": a decoder-only LlamaModel (HunyuanVideo's LLaVA-Llama-3-8B), the hidden states
+    #   ``hidden_layers_to_skip`` layers below the last, of the caption inside
+    #   ``prompt_template`` with the template's tokens cropped away.
+    architecture: str = "t5"
+    # A local directory usable by transformers' from_pretrained (model + tokenizer), or a
+    # diffusers pipeline's, whose text_encoder/ and tokenizer/ are used; its config.json
+    # model_type must fit ``architecture``. "" = random init from the sizes below with the
+    # byte-level (ByT5) tokenizer.
     pretrained: str = ""
     d_model: int = 32
     num_layers: int = 2
@@ -59,9 +83,19 @@ class TextEncoderConfig:
     d_kv: int = 16
     d_ff: int = 64
     # "relu" (original T5) or "gated-gelu" (T5 v1.1, umT5, Flan-T5): the random-init encoder's
-    # feed-forward; a pretrained directory brings its own.
+    # feed-forward; a pretrained directory brings its own. "llama" always uses gated SiLU.
     feed_forward_proj: str = "relu"
+    # Random-init "llama" only: key/value heads (grouped-query attention); 0 = num_heads.
+    num_kv_heads: int = 0
+    # Caption tokens kept ("llama": counted after the template's crop); captions pad to the
+    # batch's longest.
     max_length: int = 64
+    # "llama" only, as HunyuanVideoPipeline._get_llama_prompt_embeds takes them.
+    prompt_template: str = HUNYUAN_VIDEO_PROMPT_TEMPLATE
+    # Leading tokens cropped from the templated caption; None or -1 = count the tokenizer's
+    # tokens of the template before {} (95 for the default template with Llama-3's tokenizer).
+    crop_start: int | None = 95
+    hidden_layers_to_skip: int = 2
 
 
 @dataclass
