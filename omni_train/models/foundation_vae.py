@@ -12,11 +12,8 @@ Each formula cites the pipeline function it copies (diffusers 0.42.1, src/diffus
 
 from __future__ import annotations
 
-import inspect
-import json
 from collections.abc import Iterator
 from itertools import pairwise
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -24,62 +21,20 @@ from torch import Tensor, nn
 
 from omni_train.contracts import SPATIAL_STRIDE, TEMPORAL_STRIDE
 from omni_train.models.config import VAEConfig
+from omni_train.models.diffusers_loading import load_diffusers_model
 from omni_train.models.vae import check_video_shape, chunk_bounds
-
-INSTALL_HINT = "install the foundation extra: .venv/bin/pip install -e '.[foundation]'"
-
-
-def diffusers_class(name: str) -> type[nn.Module]:
-    try:
-        import diffusers
-    except ImportError as err:
-        raise ImportError(
-            f"{name} comes from diffusers, which is not installed; {INSTALL_HINT}"
-        ) from err
-    return getattr(diffusers, name)
-
-
-def vae_directory(pretrained: str) -> tuple[Path, str | None]:
-    """(directory, subfolder) of a diffusers VAE: the VAE's own directory, or a pipeline's."""
-    path = Path(pretrained)
-    if (path / "config.json").is_file():
-        return path, None
-    if (path / "vae" / "config.json").is_file():
-        return path, "vae"
-    raise FileNotFoundError(
-        f"model.vae.pretrained={pretrained}: neither {path / 'config.json'} nor "
-        f"{path / 'vae' / 'config.json'} exists; give a local diffusers directory (a VAE saved "
-        "with save_pretrained, or a whole pipeline with a vae/ subfolder)"
-    )
 
 
 def load_diffusers_vae(class_name: str, cfg: VAEConfig) -> nn.Module:
     """The VAE of ``model.vae.pretrained``, or a random-init one from ``diffusers_config``."""
-    model_class = diffusers_class(class_name)
-    overrides = dict(cfg.diffusers_config)
-    if not cfg.pretrained:
-        accepted = set(inspect.signature(model_class.__init__).parameters) - {"self"}
-        unknown = sorted(set(overrides) - accepted)
-        if unknown:
-            raise ValueError(
-                f"model.vae.diffusers_config has {unknown}, which {class_name} does not take; "
-                f"its arguments are {sorted(accepted)}"
-            )
-        return model_class(**overrides)
-    if overrides:
-        raise ValueError(
-            f"model.vae.diffusers_config={overrides} only shapes a random-init VAE, but "
-            f"model.vae.pretrained={cfg.pretrained} brings its own config; drop one of them"
-        )
-    directory, subfolder = vae_directory(cfg.pretrained)
-    config_file = directory / (subfolder or "") / "config.json"
-    saved_class = json.loads(config_file.read_text()).get("_class_name")
-    if saved_class != class_name:
-        raise ValueError(
-            f"{config_file} is the config of {saved_class}, not of the {class_name} this preset "
-            "wraps; pick the model.vae preset of that family (wan, hunyuan_video or cogvideox)"
-        )
-    return model_class.from_pretrained(directory, subfolder=subfolder, local_files_only=True)
+    return load_diffusers_model(
+        class_name,
+        cfg.pretrained,
+        cfg.diffusers_config,
+        subfolder="vae",
+        key="model.vae",
+        wrong_class_hint="pick the model.vae preset of that family (wan, hunyuan_video or cogvideox)",
+    )
 
 
 class DiffusersVideoVAE(nn.Module):
