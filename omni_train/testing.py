@@ -162,3 +162,44 @@ CHECKPOINT_LOADER_KEYS = [
     "world_size",
 ]
 CHECKPOINT_RNG_KEYS = ["numpy", "python", "torch"]  # and "cuda" on a GPU
+
+
+# Denoisers in tests: inputs of the tiny model, and a stand-in for pretrained weights.
+def denoiser_inputs(model_cfg: Any, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Fixed random inputs of ``OmniDenoiser`` for ``model_cfg`` (17 pixel frames, 64x64
+    pixels), every condition on."""
+    import torch
+
+    from omni_train.contracts import CONDITIONS, latent_frames
+
+    gen = torch.Generator().manual_seed(seed)
+    channels, frames, pixels = model_cfg.vae.latent_channels, 17, 64
+    latent = pixels // 8
+    return dict(
+        noisy=torch.randn(batch, channels, latent_frames(frames), latent, latent, generator=gen),
+        timesteps=torch.rand(batch, generator=gen),
+        text=torch.randn(batch, 6, model_cfg.text_encoder.d_model, generator=gen),
+        text_mask=torch.ones(batch, 6, dtype=torch.bool),
+        ref_latents=torch.randn(batch, channels, 1, latent, latent, generator=gen),
+        audio_features=torch.randn(
+            batch, frames, model_cfg.audio_encoder.feature_dim, generator=gen
+        ),
+        pose_heatmaps=torch.rand(
+            batch, model_cfg.pose_guider.num_keypoints, frames, pixels, pixels, generator=gen
+        ),
+        active={name: torch.ones(batch, dtype=torch.bool) for name in CONDITIONS},
+    )
+
+
+def pretrained_like(model: Any, seed: int = 0) -> Any:
+    """Give ``model``'s all-zero parameters (adaLN-Zero gates, zero-initialised output layers)
+    random values, in place, as training would: a random-init MMDiT's output is zero until
+    they move, so a frozen one would train nothing."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
