@@ -126,10 +126,10 @@ def load_run(
 
     The ``_target_`` entries of its config.yaml must name this project's code unless
     ``trust_checkpoint_code`` (UntrustedCheckpointCode otherwise)."""
-    from omni_train.models.denoiser import build_denoiser
     from omni_train.models.encoders import build_frozen_encoders
-    from omni_train.models.weights import load_strict
+    from omni_train.models.weights import load_state_dict_file, load_strict
     from omni_train.trainer.ema import EMA_FILE
+    from omni_train.trainer.finetune import build_finetuned_denoiser, freezes_base, load_trained
     from omni_train.trainer.weights import DENOISER_FILE, FROZEN_FILE
 
     folder = resolve_checkpoint(checkpoint)
@@ -137,12 +137,72 @@ def load_run(
     encoders = build_frozen_encoders(cfg.model)
     if (folder / FROZEN_FILE).is_file():
         load_strict(encoders, folder / FROZEN_FILE, what="frozen encoders")
-    denoiser = build_denoiser(cfg.model)
     weights = folder / (EMA_FILE if use_ema else DENOISER_FILE)
     if use_ema and not weights.is_file():
         raise FileNotFoundError(
             f"{folder} has no {EMA_FILE}: the run trained without trainer.ema.enabled=true; "
             "sample without use_ema=true"
         )
-    load_strict(denoiser, weights, what="EMA denoiser" if use_ema else "denoiser")
+    what = "EMA denoiser" if use_ema else "denoiser"
+    finetune = cfg.trainer.finetune
+    if freezes_base(finetune):
+        # The checkpoint holds what trained; the base comes from where model.safetensors says.
+        base = base_of_checkpoint(folder)
+        denoiser = build_finetuned_denoiser(cfg.model, finetune, base)
+        load_trained(denoiser, load_state_dict_file(weights), f"{what} weights {weights}")
+    else:
+        denoiser = build_finetuned_denoiser(cfg.model, finetune)
+        load_strict(denoiser, weights, what=what)
     return LoadedRun(cfg, folder, denoiser.to(device).eval(), encoders.to(device).eval())
+
+
+def base_of_checkpoint(folder: Path) -> Path | None:
+    """The base weights file a frozen-base checkpoint names (None: the run's
+    model.backbone.pretrained, which building the denoiser loads)."""
+    from omni_train.models.weights import read_metadata
+    from omni_train.trainer.finetune import BASE_FROM_KEY, BASE_KEY, FROM_RUN_DIR
+    from omni_train.trainer.weights import DENOISER_FILE
+
+    metadata = read_metadata(folder / DENOISER_FILE)
+    if BASE_KEY not in metadata:
+        raise ValueError(
+            f"{folder / DENOISER_FILE} names no base ({BASE_KEY} in its metadata), but the run "
+            "trained with a frozen base (trainer.finetune.mode): it was not written by this "
+            "trainer"
+        )
+    if metadata.get(BASE_FROM_KEY) == FROM_RUN_DIR:
+        return (folder / metadata[BASE_KEY]).resolve()
+    return None
+
+
+def merged_state(run: LoadedRun) -> dict[str, torch.Tensor]:
+    """The loaded denoiser's weights as a plain ``build_denoiser(cfg.model)`` takes them: LoRA
+    adapters folded into their base weights (trainer.finetune.mode=lora); other modes' state
+    dicts already are plain."""
+    from omni_train.models.finetune import lora_scaling, merge_lora
+
+    finetune = run.cfg.trainer.finetune
+    state = run.denoiser.state_dict()
+    if finetune.mode != "lora":
+        return dict(state)
+    return merge_lora(state, lora_scaling(finetune.lora_rank, finetune.lora_alpha))
+
+
+def export_merged(
+    checkpoint: str | Path,
+    out: str | Path,
+    use_ema: bool = False,
+    dtype: str = "float32",
+    trust_checkpoint_code: bool = False,
+) -> Path:
+    """Write a checkpoint's denoiser, adapters merged, as one safetensors file that a plain
+    ``build_denoiser`` loads strictly (no peft needed); its header holds the model config."""
+    from omni_train.models.weights import export_for_inference
+
+    run = load_run(checkpoint, use_ema=use_ema, trust_checkpoint_code=trust_checkpoint_code)
+    metadata = {
+        "checkpoint": str(run.checkpoint),
+        "weights": "ema" if use_ema else "model",
+        "model_config": OmegaConf.to_yaml(OmegaConf.structured(run.cfg.model)),
+    }
+    return export_for_inference(merged_state(run), out, dtype, metadata)

@@ -7,6 +7,7 @@ A checkpoint, ``run_dir/checkpoints/step_NNNNNNNN/``, holds
   rng_rankRRRRR.json         rank R's global random streams (``RNGState``)
   curriculum_counts.json     the curriculum's stage-so-far counts (``CurriculumMeter``)
   ema.safetensors            the full weights with the EMA in place of the trainable ones
+                             (with a frozen base: the trainable ones' EMA only)
   the trainer's exports      model.safetensors and frozen.safetensors, or vae.safetensors
   config.yaml                the run's resolved config
   complete.json              the counters (``TrainState``) and facts of the save; written
@@ -86,14 +87,22 @@ class LoaderPosition:
         return self.loader.state_dict()
 
 
-def stage_checkpoint(engine: Any, ckpt_root: Path, step: int, is_main: bool) -> Path:
-    """Write the engine state into a new staging dir (every rank its own shards)."""
+def stage_checkpoint(
+    engine: Any, ckpt_root: Path, step: int, is_main: bool, trained_only: bool = False
+) -> Path:
+    """Write the engine state into a new staging dir (every rank its own shards); with
+    ``trained_only``, without the frozen parameters."""
     staging = ckpt.staging_dir(ckpt_root, step)
     if is_main:
         ckpt.clear_staging(ckpt_root)
         staging.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=staging.name, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_root),
+        tag=staging.name,
+        save_latest=False,
+        exclude_frozen_parameters=trained_only,
+    )
     return staging
 
 
@@ -105,9 +114,11 @@ def load_resumed(
     ckpt_root: Path,
     run_dir: Path,
     log: logging.Logger,
+    trained_only: bool = False,
 ) -> None:
     """Load weights, optimizer and lr schedule of plan.checkpoint; when the world size changed,
-    through a universal checkpoint converted by the main rank."""
+    through a universal checkpoint converted by the main rank. A ``trained_only`` checkpoint
+    lacks the frozen parameters, which keep the values the model was built with."""
     load_dir = ckpt_root
     if resized:
         if dist_info.is_main:
@@ -120,6 +131,7 @@ def load_resumed(
             tag=plan.checkpoint.name,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            load_module_strict=not trained_only,
         )
     if loaded is None:  # DeepSpeed found nothing to load: training on would start from scratch
         raise RuntimeError(
@@ -136,7 +148,9 @@ class CheckpointManager:
 
     ``state`` (the counters), ``data`` (the loader position) and the optional ``curriculum``
     meter and ``ema`` are the objects it saves and loads, besides the engine and this
-    process's random streams. Every rank must call ``save`` and ``load``.
+    process's random streams. ``trained_only``: the engine's frozen parameters (a frozen
+    base) are neither saved nor loaded, and the exported weights are the trainable ones.
+    Every rank must call ``save`` and ``load``.
     """
 
     def __init__(
@@ -151,8 +165,10 @@ class CheckpointManager:
         log: logging.Logger,
         curriculum: Stateful | None = None,
         ema: ShardedEMA | None = None,
+        trained_only: bool = False,
     ) -> None:
         self.engine = engine
+        self.trained_only = trained_only
         self.dist, self.run_dir, self.ckpt_root = start.dist, start.run_dir, start.ckpt_root
         self.trainer_cfg = trainer_cfg
         self.resolved = resolved
@@ -172,10 +188,10 @@ class CheckpointManager:
         """
         is_main = self.dist.is_main
         step = self.state.step
-        staging = stage_checkpoint(self.engine, self.ckpt_root, step, is_main)
+        staging = stage_checkpoint(self.engine, self.ckpt_root, step, is_main, self.trained_only)
         for name, state in self.rank_states.items():
             ckpt.write_json_atomic(staging / rank_file(name, self.dist.rank), state.state_dict())
-        weights = consolidated_state(self.engine, is_main)
+        weights = consolidated_state(self.engine, is_main, self.trained_only)
         average = self.ema.state_dict() if self.ema is not None else None
         if is_main:
             export(staging, weights)
@@ -219,7 +235,16 @@ class CheckpointManager:
         it. Then the per-rank files (data position, random streams) are not loaded: they
         describe the old ranks, and the caller decides how the data continues."""
         resized = plan.resized(self.dist.world_size)
-        load_resumed(self.engine, plan, resized, self.dist, self.ckpt_root, self.run_dir, self.log)
+        load_resumed(
+            self.engine,
+            plan,
+            resized,
+            self.dist,
+            self.ckpt_root,
+            self.run_dir,
+            self.log,
+            self.trained_only,
+        )
         self.state.load_state_dict(plan.meta)
         if not resized:
             self._load_rank_states(plan.checkpoint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omni_train.contracts import TASK_CONDITIONS
+from omni_train.models.finetune import FINETUNE_MODES
 
 
 @dataclass
@@ -13,6 +14,8 @@ class OptimizerConfig:
     # Modules new to a pretrained text-to-video backbone (audio projector, pose guider) often
     # want a larger learning rate than the backbone: lr * new_module_lr_scale.
     new_module_lr_scale: float = 1.0
+    # trainer.finetune.mode=lora: the adapters' learning rate is lr * lora_lr_scale.
+    lora_lr_scale: float = 1.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -22,6 +25,23 @@ class OptimizerConfig:
     schedule: str = "constant"
     min_lr_ratio: float = 0.0
     decay_steps: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    # Which denoiser parameters train (omni_train/models/finetune.py):
+    #   full         all of them (groups backbone and new_modules)
+    #   new_modules  only the modules a text-to-video base lacks (the denoiser's
+    #                new_module_prefixes: audio, pose, ...); the base is frozen
+    #   lora         LoRA adapters on the base's attention and MLP linears (the denoiser's
+    #                lora_target_modules) and the new modules; the base is frozen
+    # Frozen modes checkpoint only what trains, and model.safetensors names the base:
+    # model.backbone.pretrained, or RUN_DIR/base_model.safetensors for a random-init base.
+    mode: str = "full"
+    lora_rank: int = 16
+    # The adapters' output is scaled by lora_alpha / lora_rank.
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
 
 
 @dataclass
@@ -140,6 +160,7 @@ class TrainerConfig:
     # Console progress bar on the main rank (a one-line bar on a terminal, log lines else).
     progress_bar: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
@@ -165,6 +186,7 @@ class TrainerConfig:
         """Checks of this config's own fields (ValueError naming the key and the fix)."""
         if self.save_every <= 0 or self.max_steps <= 0:
             raise ValueError("trainer.max_steps and trainer.save_every must be positive")
+        self._validate_finetune()
         if self.ema.enabled and not 0.0 < self.ema.decay < 1.0:
             raise ValueError(f"trainer.ema.decay={self.ema.decay}: use a value in (0, 1)")
         if not 1 <= self.preemption.exit_code <= 255:
@@ -194,6 +216,33 @@ class TrainerConfig:
             raise ValueError(
                 "trainer.val_loss.use_ema=true needs trainer.ema.enabled=true (or use_ema=false)"
             )
+
+    def _validate_finetune(self) -> None:
+        finetune, opt = self.finetune, self.optimizer
+        if finetune.mode not in FINETUNE_MODES:
+            raise ValueError(
+                f"trainer.finetune.mode={finetune.mode!r}: use one of {', '.join(FINETUNE_MODES)}"
+            )
+        if finetune.mode == "lora":
+            if finetune.lora_rank < 1:
+                raise ValueError(
+                    f"trainer.finetune.lora_rank={finetune.lora_rank}: use 1 or more (e.g. 16)"
+                )
+            if finetune.lora_alpha <= 0:
+                raise ValueError(
+                    f"trainer.finetune.lora_alpha={finetune.lora_alpha}: use a positive value "
+                    "(the adapters' output is scaled by lora_alpha / lora_rank)"
+                )
+            if not 0.0 <= finetune.lora_dropout < 1.0:
+                raise ValueError(
+                    f"trainer.finetune.lora_dropout={finetune.lora_dropout}: use a value in [0, 1)"
+                )
+        for key in ("new_module_lr_scale", "lora_lr_scale"):
+            if getattr(opt, key) < 0:
+                raise ValueError(
+                    f"trainer.optimizer.{key}={getattr(opt, key)}: use a factor >= 0 of "
+                    "trainer.optimizer.lr"
+                )
 
 
 @dataclass

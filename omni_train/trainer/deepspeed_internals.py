@@ -44,10 +44,15 @@ def discard_accumulated_gradients(engine: Any, micro: int, grad_accum: int) -> N
     engine.micro_steps += grad_accum - micro
 
 
-def zero3_full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+def zero3_full_state_dict(
+    engine: Any, exclude_frozen_parameters: bool = False
+) -> dict[str, torch.Tensor] | None:
     """Under ZeRO-3, every rank joins in gathering the partitioned parameters; the main rank
-    gets the full state dict, the others None."""
-    return engine._zero3_consolidated_16bit_state_dict()
+    gets the full state dict (without the frozen parameters if asked: they are not
+    gathered), the others None."""
+    return engine._zero3_consolidated_16bit_state_dict(
+        exclude_frozen_parameters=exclude_frozen_parameters
+    )
 
 
 def skip_cpu_shm_op() -> None:
@@ -69,3 +74,35 @@ def pickled_optimizer_classes() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+
+def model_state_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
+    """The tensors holding this rank's model states: "weights" (the module's parameters and,
+    under ZeRO-3, their partitions), "gradients" (the parameters' .grad and the optimizer's
+    gradient buffers above) and "optimizer" (the inner torch optimizer's state and, under
+    ZeRO, its parameters: the fp32 master partitions). Tensors may share storage."""
+    stage = engine.zero_optimization_stage()
+    params = list(engine.module.parameters())
+    weights = params + [p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None]
+    gradients = [p.grad for p in params if p.grad is not None]
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # a ZeRO optimizer wraps torch's
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    masters = [] if stage == 0 else [p for g in inner.param_groups for p in g["params"]]
+    if stage >= 1:
+        kind = "stage3" if stage == 3 else "stage_1_and_2"
+        names = FLAT_GRADIENT_BUFFERS[kind] + PER_GROUP_GRADIENTS[kind]
+        gradients += _tensors_in([getattr(optimizer, name, None) for name in names])
+        gradients += [p.grad for p in masters if p.grad is not None]
+    return {"weights": weights, "gradients": gradients, "optimizer": masters + state}
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []

@@ -22,12 +22,23 @@ from omni_train.data.elastic import elastic_loader_state
 from omni_train.data.stream import ResumableLoader, build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
+from omni_train.models.weights import save_safetensors
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
 from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
 from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.deepspeed_internals import discard_accumulated_gradients
 from omni_train.trainer.ema import ShardedEMA
+from omni_train.trainer.finetune import (
+    MODE_KEY,
+    apply_finetune,
+    base_file,
+    base_metadata,
+    check_resumed_mode,
+    freezes_base,
+    load_base,
+    param_groups,
+)
 from omni_train.trainer.metrics import MetricsLogger
 from omni_train.trainer.preemption import SignalFlag
 from omni_train.trainer.profiling import StepProfiler
@@ -61,17 +72,6 @@ class DataOrderError(RuntimeError):
     """A resume on another world size cannot continue the saved data order."""
 
 
-def _param_groups(denoiser: torch.nn.Module, lr: float, new_scale: float) -> list[dict]:
-    new, backbone = [], []
-    for name, param in denoiser.named_parameters():
-        if param.requires_grad:
-            (new if name.startswith(denoiser.new_module_prefixes) else backbone).append(param)
-    groups = [{"params": backbone, "lr": lr, "name": "backbone"}]
-    if new:
-        groups.append({"params": new, "lr": lr * new_scale, "name": "new_modules"})
-    return groups
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
@@ -103,9 +103,33 @@ class Trainer:
         self.encoders = build_frozen_encoders(cfg.model).to(self.device).eval()
         self.encoders.requires_grad_(False)
         denoiser = build_denoiser(cfg.model)
-        opt_cfg = cfg.trainer.optimizer
-        params = _param_groups(denoiser, opt_cfg.lr, opt_cfg.new_module_lr_scale)
+        finetune = cfg.trainer.finetune
+        if self.plan is not None:
+            check_resumed_mode(self.plan.meta, finetune, self.plan.checkpoint)
+        if freezes_base(finetune):
+            self._keep_base(denoiser)
+        apply_finetune(denoiser, finetune)
+        params = param_groups(denoiser, cfg.trainer.optimizer, finetune.mode)
+        self.group_names = [group["name"] for group in params]
         self.engine, self.scheduler = build_engine(denoiser, params, cfg.trainer, ds_cfg)
+
+    def _keep_base(self, denoiser: torch.nn.Module) -> None:
+        """A frozen base the checkpoints will not hold: a random-init one is written into the
+        run dir when the run starts, and loaded from there when it resumes."""
+        if self.cfg.model.backbone.pretrained:
+            return
+        path = base_file(self.run_dir)
+        if self.plan is not None:
+            load_base(denoiser, path, f"the run in {self.run_dir}")
+        elif self.dist.is_main:
+            save_safetensors(denoiser.state_dict(), path)
+            log.warning(
+                "trainer.finetune.mode=%s freezes a random-init base (model.backbone.pretrained "
+                "is empty), written to %s: fine for tests; a base whose output layers start at "
+                "zero (this project's MMDiT) trains nothing this way",
+                self.cfg.trainer.finetune.mode,
+                path,
+            )
 
     def _build_run_state(self, start: RunStart) -> None:
         """What a checkpoint keeps besides the engine (counters, EMA, curriculum counts, data
@@ -131,6 +155,7 @@ class Trainer:
             log,
             curriculum=self.curriculum_meter,
             ema=self.ema,
+            trained_only=freezes_base(trainer_cfg.finetune),
         )
 
     def _build_loader(self, position: dict[str, Any] | None) -> ResumableLoader:
@@ -396,7 +421,7 @@ class Trainer:
             step=self.global_step,
             stage=stage_index + 1,
             stage_name=stage.name,
-            lr=lrs[0],
+            lr=lrs[0],  # the first group's: backbone (full), lora or new_modules
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=samples_per_s,
             tokens_per_s=samples_per_s * self.tokens_per_sample,
@@ -409,8 +434,8 @@ class Trainer:
             nonfinite_skipped=self.state.nonfinite_skipped,
             update_skipped=int(not finite),
         )
-        if len(lrs) > 1:
-            row["lr_new_modules"] = lrs[1]
+        for name, lr in list(zip(self.group_names, lrs, strict=True))[1:]:
+            row[f"lr_{name}"] = lr
         row.update(dict(zip(peaks, peak_values.tolist(), strict=True)))
         if self.peak_tflops:
             row["peak_tflops"] = self.peak_tflops
@@ -426,6 +451,7 @@ class Trainer:
     def save(self, reason: str = "cadence") -> Path:
         """Checkpoint the current step (every rank must call it); returns its folder."""
         step = self.global_step
+        finetune = self.cfg.trainer.finetune
         return self.checkpoints.save(
             reason,
             self._export_weights,
@@ -433,12 +459,14 @@ class Trainer:
             frozen_encoders_saved=frozen_is_random(self.cfg.model),
             ema=self.ema is not None,
             **{ckpt.PINNED: reason == START_REASON},
+            **({MODE_KEY: finetune.mode} if freezes_base(finetune) else {}),
         )
 
     def _export_weights(self, staging: Path, weights: dict[str, torch.Tensor]) -> None:
         """The denoiser's weights (and random-init encoders') for sampling, beside the
-        checkpoint."""
-        export_weights(self.engine, self.encoders, self.cfg.model, staging, True, state=weights)
+        checkpoint: all of them, or with a frozen base what trained and where the base is."""
+        metadata = base_metadata(self.cfg.model, self.cfg.trainer.finetune)
+        export_weights(self.engine, self.encoders, self.cfg.model, staging, True, weights, metadata)
 
     # ----------------------------------------------------------------------------- validate
     def _val_metrics(self) -> dict[str, float]:

@@ -77,9 +77,10 @@ class Validator:
             return {}
         from omni_train.diffusion.sampler import generate_long_video
         from omni_train.media import AUDIO_RATE, to_uint8_frames, write_mp4
-        from omni_train.models.denoiser import build_denoiser
+        from omni_train.trainer.finetune import build_finetuned_denoiser
 
-        denoiser = build_denoiser(self.cfg.model)
+        # Built as the trainer trains it (adapters included), so the engine's state fits.
+        denoiser = build_finetuned_denoiser(self.cfg.model, self.cfg.trainer.finetune)
         denoiser.load_state_dict({**state, **(ema_weights or {})})
         denoiser.to(self.dist.device).float().eval()
         diffusion = replace(

@@ -28,7 +28,9 @@ class StandInEngine:
     def zero_optimization_partition_weights(self) -> bool:
         return False
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+    def save_checkpoint(
+        self, save_dir: str, tag: str, save_latest: bool, exclude_frozen_parameters: bool
+    ) -> None:
         torch.save(self.module.state_dict(), Path(save_dir) / tag / ENGINE_FILE)
 
     def load_checkpoint(self, load_dir: str, tag: str, **_) -> tuple[str, dict]:
