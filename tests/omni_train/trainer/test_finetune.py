@@ -281,7 +281,9 @@ def lora_runs(request, tmp_path_factory, shards, pretrained) -> dict:
     zero = request.param
     root = tmp_path_factory.mktemp(f"lora_zero{zero}")
     full, resumed = root / "full", root / "resumed"
-    overrides = _overrides(full, shards, zero, "lora", pretrained)
+    # Validation clips at the last step: sampled from the adapted model with its EMA.
+    validation = ["trainer.validation.every=4", "trainer.validation.sampling_steps=1"]
+    overrides = [*_overrides(full, shards, zero, "lora", pretrained), *validation]
     cfg, _ = compose_train_config(overrides)
     # Built here first, so the forked ranks find peft imported.
     trained = sorted(trained_names(build_finetuned_denoiser(cfg.model, cfg.trainer.finetune)))
@@ -291,7 +293,9 @@ def lora_runs(request, tmp_path_factory, shards, pretrained) -> dict:
     (resumed / "checkpoints").mkdir(parents=True)
     step2 = full / "checkpoints" / ckpt.checkpoint_name(2)
     shutil.copytree(step2, resumed / "checkpoints" / step2.name)
-    again = run_ranks(_train_and_probe, 2, _overrides(resumed, shards, zero, "lora", pretrained))
+    again = run_ranks(
+        _train_and_probe, 2, [*_overrides(resumed, shards, zero, "lora", pretrained), *validation]
+    )
     assert [r["step"] for r in again] == [STEPS, STEPS]
     return {
         "zero": zero,
@@ -314,6 +318,8 @@ def test_a_resumed_lora_run_has_the_losses_of_an_uninterrupted_one(lora_runs):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=0), a["step"]
         assert (a["lr"], a["lr_new_modules"]) == (b["lr"], b["lr_new_modules"])
         assert a["lr"] == pytest.approx(LORA_SCALE * a["lr_new_modules"])
+    for run in ("full", "resumed"):
+        assert (lora_runs[run] / "validation" / "step_00000004" / "clip_0.mp4").is_file()
     # Losses move with training: the run is not a no-op that resumes trivially.
     assert len({r["loss"] for r in full}) == STEPS
     torch.testing.assert_close(
