@@ -1,15 +1,13 @@
 """Capacity planner: memory per GPU per ZeRO stage, step time at an assumed MFU, GPU-days
-per curriculum stage, for a model preset on a given corpus and cluster.
+per curriculum stage, for a model preset (any backbone family, any fine-tuning mode) on a
+given corpus and cluster; and a table of memory per GPU across presets, modes and ZeRO setups.
 
-    python -m omni_train.capacity model=7b resolution=[512,512] num_frames=97 corpus_hours=18700 \
-        gpu=H100 num_gpus=256 mfu=0.35
+    python -m omni_train.capacity model=wan21_14b finetune.mode=lora resolution=[480,832] \\
+        num_frames=81 gpu=H100 num_gpus=8 [offload_optimizer=cpu] [offload_param=cpu]
+    python -m omni_train.capacity table=true        # the VRAM table (presets x modes x ZeRO)
 
-Model states follow the ZeRO paper's accounting for Adam (psi = trainable parameters, N =
-data-parallel ranks): bf16 keeps 2 psi weights + 2 psi gradients + 12 psi fp32 master weights
-and moments; fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer part, ZeRO-2 also the
-gradients, ZeRO-3 everything. Activations are an estimate (per layer and token, ~34 x hidden
-bytes in bf16 without recomputation, ~2 x hidden with gradient checkpointing). The frozen VAE
-and encoders are counted as weights only.
+Parameters, FLOPs and activations come from the denoiser itself, built on the meta device
+(omni_train/models/training_cost.py); the memory model is ``memory_per_gpu`` below.
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.models.config import ModelConfig
+from omni_train.models.training_cost import ParameterCounts, TrainingCost, trained_parts
+from omni_train.trainer.config import FinetuneConfig
 from omni_train.trainer.throughput import gpu_peak, peak_for_precision
 
 log = logging.getLogger("omni_train.capacity")
@@ -38,14 +38,31 @@ GPU_MEMORY_GB: dict[str, float] = {
     "H100 NVL": 94.0,
     "H200": 141.0,
 }
+# A plan fits when it needs less than this share of the GPU's memory: the rest is the CUDA
+# context, NCCL's buffers and the caching allocator's fragmentation.
+USABLE_SHARE = 0.9
+OFFLOAD_DEVICES = ("none", "cpu")
+# DeepSpeed's defaults, which the trainer's DeepSpeed config (trainer/ds_config.py) keeps:
+# gradients reduced per bucket of this many elements, ZeRO-3 prefetching this many parameter
+# elements ahead, and keeping tensors under this many elements whole on every rank.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+PREFETCH_BUCKET_ELEMENTS = 50_000_000
+PERSISTENCE_THRESHOLD = 100_000
+# The VRAM table's rows (table=true): presets x fine-tuning modes x (ZeRO stage, offload).
+TABLE_MODELS = ("hunyuan_video_13b", "wan21_1_3b", "wan21_14b", "4b", "7b")
+TABLE_SETUPS = ((2, "none"), (2, "cpu"), (3, "none"), (3, "cpu"))
 
 
 @dataclass
 class CapacityConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # Which parameters train and the LoRA rank (trainer.finetune's fields and defaults).
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resolution: list[int] = field(default_factory=lambda: [512, 512])
     num_frames: int = 97
+    # Padded caption tokens per sample; 0 = model.text_encoder.max_length.
+    text_tokens: int = 0
     fps: float = 25.0
     corpus_hours: float = 18_700.0
     gpu: str = "H100"
@@ -53,59 +70,233 @@ class CapacityConfig:
     micro_batch: int = 1
     grad_accum: int = 1
     precision: str = "bf16"
+    # As trainer.offload_optimizer / trainer.offload_param: "none" or "cpu" (ZeRO-Offload).
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
     mfu: float = 0.35
     # Total optimizer steps; each curriculum stage runs from its start_step to the next one's.
     max_steps: int = 100_000
+    # Print the VRAM table of table_models (each x full / new_modules / lora x ZeRO 2, 3 x
+    # offload none, cpu) at this config's clip, precision, micro batch, GPU and num_gpus.
+    table: bool = False
+    table_models: list[str] = field(default_factory=lambda: list(TABLE_MODELS))
 
 
-def model_state_bytes(trainable: int, zero_stage: int, ranks: int, precision: str) -> dict:
-    """Bytes per rank of weights, gradients and Adam state for ``trainable`` parameters."""
-    weight, grad, optim = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+def bytes_per_param(precision: str, zero_stage: int) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer) bytes per trainable parameter with AdamW.
+
+    bf16: 2 + 2, and the optimizer's fp32 master copy plus two moments, 4 + 8. fp32: 4 + 4,
+    and the moments (8) on the parameters themselves, except that DeepSpeed's ZeRO-1/2
+    optimizer clones its partition of the weights as the master even when they are fp32
+    (12, as measured; ZeRO-3 steps its fp32 partitions in place).
+    """
+    if precision == "bf16":
+        return 2, 2, 12
+    if precision == "fp32":
+        return 4, 4, 12 if zero_stage in (1, 2) else 8
+    raise ValueError(f"precision={precision!r}: use 'bf16' or 'fp32'")
+
+
+def model_state_bytes(
+    trainable: int,
+    zero_stage: int,
+    ranks: int,
+    precision: str,
+    frozen: int = 0,
+    persistent: tuple[int, int] = (0, 0),
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+) -> dict[str, float]:
+    """Bytes per rank of the weights, gradients and optimizer state that stay resident, on
+    the GPU and on the host, for ``trainable`` parameters (and ``frozen`` ones, weights only).
+
+    ZeRO-1 partitions the optimizer state over the ``ranks``; DeepSpeed reduces each
+    gradient into its owner's partition at the end of backward from ZeRO-1 on (the full
+    gradients of ZeRO-1 and the buckets of ZeRO-2/3 are in ``transient_bytes``); ZeRO-3 also
+    partitions the weights, frozen ones included, except ``persistent`` = (trainable, frozen)
+    parameters in tensors below DeepSpeed's persistence threshold, which every rank keeps
+    whole besides its partition. Frozen weights are stored like trainable ones (the engine
+    casts the whole module to bf16). Optimizer offload moves the optimizer state, and from
+    ZeRO-2 on the gradient partitions, to host memory; parameter offload (ZeRO-3) moves the
+    weight partitions there.
+    """
+    weight, grad, optim = bytes_per_param(precision, zero_stage)
+    for name, device in (
+        ("offload_optimizer", offload_optimizer),
+        ("offload_param", offload_param),
+    ):
+        if device not in OFFLOAD_DEVICES:
+            raise ValueError(f"{name}={device!r}: use one of {', '.join(OFFLOAD_DEVICES)}")
+    if offload_optimizer != "none" and zero_stage == 0:
+        raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+    if offload_param != "none" and zero_stage != 3:
+        raise ValueError("offload_param needs zero_stage 3 (only ZeRO-3 partitions parameters)")
+    weights = weight * (trainable + frozen)
+    gradients = grad * trainable
+    optimizer = optim * trainable
     if zero_stage >= 1:
-        optim /= ranks
-    if zero_stage >= 2:
-        grad /= ranks
+        optimizer /= ranks
+        gradients /= ranks
+    whole = 0.0
     if zero_stage >= 3:
-        weight /= ranks
+        whole = weight * sum(persistent)
+        weights /= ranks
+    host = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    if offload_optimizer != "none":
+        host["optimizer"], optimizer = optimizer, 0.0
+        if zero_stage >= 2:
+            host["gradients"], gradients = gradients, 0.0
+    if offload_param != "none":
+        host["weights"], weights = weights, 0.0
     return {
-        "weights": weight * trainable,
-        "gradients": grad * trainable,
-        "optimizer": optim * trainable,
+        "weights": weights + whole,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "host": sum(host.values()),
     }
 
 
-def activation_bytes(model: ModelConfig, tokens: int, micro_batch: int, precision: str) -> float:
-    per_token_layer = (2 if model.dit.gradient_checkpointing else 34) * model.dit.hidden_size
-    scale = 1 if precision == "bf16" else 2
-    return per_token_layer * tokens * model.dit.depth * micro_batch * scale
+def transient_bytes(
+    trainable: int, largest_module: int, zero_stage: int, ranks: int, precision: str
+) -> float:
+    """Memory that comes and goes within a step, at its peak (an estimate from DeepSpeed's
+    defaults): ZeRO-1's full gradients before their reduction (ZeRO-0 holds them anyway);
+    ZeRO-2's reduce bucket; ZeRO-3's reduce bucket plus the gathered weights of the running
+    module and the prefetched ones."""
+    weight, grad, _ = bytes_per_param(precision, zero_stage)
+    bucket = grad * min(trainable, REDUCE_BUCKET_ELEMENTS)
+    if zero_stage == 0:
+        return 0.0
+    if zero_stage == 1:
+        return grad * trainable * (1 - 1 / ranks)
+    if zero_stage == 2:
+        return bucket
+    return bucket + weight * (largest_module + PREFETCH_BUCKET_ELEMENTS)
 
 
-def estimate(cfg: CapacityConfig) -> dict[str, Any]:
-    from omni_train.models.summary import model_summary
+def persistent_params(params: ParameterCounts, mode: str) -> tuple[int, int]:
+    """(trainable, frozen) parameters in tensors ZeRO-3 keeps whole on every rank."""
+    trained = trained_parts(mode)
+    small = {
+        part: sum(n for n in numels if n < PERSISTENCE_THRESHOLD)
+        for part, numels in params.numels.items()
+    }
+    frozen = small["base"] if "base" not in trained else 0
+    return sum(small[part] for part in trained), frozen
 
+
+def memory_per_gpu(
+    cost: TrainingCost,
+    encoder_params: int,
+    zero_stage: int,
+    ranks: int,
+    precision: str,
+    micro_batch: int,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+) -> dict[str, float]:
+    """Bytes per GPU (and offloaded bytes per rank on the host) of one training setup.
+
+    Model states: ``model_state_bytes`` for the mode's trainable and frozen parameters.
+    Activations: what the denoiser keeps for backward per sample (counted, with the preset's
+    gradient checkpointing) x micro batch. Encoders: the frozen VAE, text and audio
+    encoders, which the trainer keeps on every GPU as built (fp32). Transient: see
+    ``transient_bytes``.
+    """
+    params = cost.params
+    trainable = params.trainable(cost.mode)
+    states = model_state_bytes(
+        trainable,
+        zero_stage,
+        ranks,
+        precision,
+        frozen=params.frozen(cost.mode),
+        persistent=persistent_params(params, cost.mode),
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+    )
+    host = states.pop("host")
+    plan = {
+        **states,
+        "activations": float(cost.activation_bytes * micro_batch),
+        "encoders": 4.0 * encoder_params,
+        "transient": transient_bytes(
+            trainable, params.largest_module, zero_stage, ranks, precision
+        ),
+    }
+    plan["total"] = sum(plan.values())
+    plan["host"] = host
+    return plan
+
+
+def _text_tokens(cfg: CapacityConfig) -> int | None:
+    return cfg.text_tokens or None
+
+
+def plan_cost(cfg: CapacityConfig, model: ModelConfig | None = None, mode: str | None = None):
+    from omni_train.models.training_cost import training_cost
+
+    return training_cost(
+        model or cfg.model,
+        cfg.resolution,
+        cfg.num_frames,
+        _text_tokens(cfg),
+        mode or cfg.finetune.mode,
+        cfg.finetune.lora_rank,
+        cfg.precision,
+    )
+
+
+def _check(cfg: CapacityConfig) -> float:
+    """The GPU's memory in GiB, after checking the plan's inputs."""
     if cfg.gpu not in GPU_MEMORY_GB:
         raise ValueError(f"gpu={cfg.gpu!r}: use one of {', '.join(GPU_MEMORY_GB)}")
     if not 0 < cfg.mfu <= 1:
         raise ValueError(f"mfu={cfg.mfu}: use a fraction in (0, 1], e.g. 0.35")
-    memory_gb = GPU_MEMORY_GB[cfg.gpu]
+    if len(cfg.resolution) != 2:
+        raise ValueError(f"resolution={cfg.resolution} must be [height, width]")
+    return GPU_MEMORY_GB[cfg.gpu]
+
+
+def _setups(cfg: CapacityConfig) -> list[tuple[int, str, str]]:
+    """(ZeRO stage, optimizer offload, parameter offload) of the plan's rows: every stage the
+    offload settings allow."""
+    stages = [s for s in (0, 1, 2, 3) if cfg.offload_optimizer == "none" or s >= 1]
+    if cfg.offload_param != "none":
+        stages = [3]
+    return [(s, cfg.offload_optimizer, cfg.offload_param if s == 3 else "none") for s in stages]
+
+
+def estimate(cfg: CapacityConfig) -> dict[str, Any]:
+    from omni_train.models.summary import encoder_parameter_counts, model_summary
+
+    memory_gb = _check(cfg)
     # fp32 plans assume plain fp32 matmuls, as the trainer runs them (it enables no TF32).
     peak_tflops = peak_for_precision(gpu_peak(cfg.gpu), cfg.precision, tf32=False)
-    summary = model_summary(cfg.model, cfg.resolution, cfg.num_frames)
-    trainable, frozen = summary["trainable_params"], summary["frozen_params"]
-    tokens = summary["tokens"]["video_tokens"] + summary["tokens"]["text_tokens"]
-    activations = activation_bytes(cfg.model, tokens, cfg.micro_batch, cfg.precision)
-    frozen_bytes = frozen * (2 if cfg.precision == "bf16" else 4)
+    summary = model_summary(
+        cfg.model,
+        cfg.resolution,
+        cfg.num_frames,
+        _text_tokens(cfg),
+        cfg.finetune.mode,
+        cfg.finetune.lora_rank,
+    )
+    cost = plan_cost(cfg)
+    encoders = sum(encoder_parameter_counts(cfg.model).values())
     memory = {}
-    for stage in (0, 1, 2, 3):
-        states = model_state_bytes(trainable, stage, cfg.num_gpus, cfg.precision)
-        total = sum(states.values()) + activations + frozen_bytes
-        memory[stage] = {
-            **{k: v / GIB for k, v in states.items()},
-            "activations": activations / GIB,
-            "frozen": frozen_bytes / GIB,
-            "total": total / GIB,
-            "fits": total / GIB < 0.9 * memory_gb,
-        }
+    for stage, offload_optimizer, offload_param in _setups(cfg):
+        plan = memory_per_gpu(
+            cost,
+            encoders,
+            stage,
+            cfg.num_gpus,
+            cfg.precision,
+            cfg.micro_batch,
+            offload_optimizer,
+            offload_param,
+        )
+        memory[stage] = {key: value / GIB for key, value in plan.items()}
+        memory[stage]["fits"] = memory[stage]["total"] < USABLE_SHARE * memory_gb
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_gpus
     step_flops = summary["train_flops_per_sample"] * global_batch
     step_s = step_flops / (cfg.num_gpus * peak_tflops * 1e12 * cfg.mfu)
@@ -132,21 +323,34 @@ def estimate(cfg: CapacityConfig) -> dict[str, Any]:
     }
 
 
+def _clip(cfg: CapacityConfig, checkpointing: str) -> str:
+    return (
+        f"{cfg.resolution[0]}x{cfg.resolution[1]}, {cfg.num_frames} frames, {cfg.precision}, "
+        f"micro batch {cfg.micro_batch}, {checkpointing}, {cfg.num_gpus} x {cfg.gpu}"
+    )
+
+
+def _checkpointing(model: ModelConfig) -> str:
+    state = "with" if model.dit.gradient_checkpointing else "without"
+    return f"{state} gradient checkpointing"
+
+
 def render(cfg: CapacityConfig, result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
-        f"model {cfg.model.name}: {s['trainable_params'] / 1e9:.3f}B trainable, "
-        f"{s['frozen_params'] / 1e9:.3f}B frozen; {cfg.num_frames} frames at "
+        f"model {cfg.model.name} ({cfg.finetune.mode}): {s['trainable_params'] / 1e9:.3f}B "
+        f"trainable, {s['frozen_params'] / 1e9:.3f}B frozen; {cfg.num_frames} frames at "
         f"{cfg.resolution[0]}x{cfg.resolution[1]} = {s['tokens']['video_tokens']} video tokens",
-        f"{cfg.num_gpus} x {cfg.gpu}, global batch {result['global_batch']}, {cfg.precision}",
+        f"{_clip(cfg, _checkpointing(cfg.model))}, global batch {result['global_batch']}",
+        f"offload: optimizer {cfg.offload_optimizer}, parameters {cfg.offload_param} (ZeRO-3)",
         "",
-        "zero  weights  grads  optim  activ  frozen   total GiB/GPU",
+        "zero  weights  grads  optim  activ  encod  trans   total GiB/GPU   host GiB/rank",
     ]
     for stage, m in result["memory_gib"].items():
         lines.append(
             f"{stage:>4} {m['weights']:8.2f} {m['gradients']:6.2f} {m['optimizer']:6.2f} "
-            f"{m['activations']:6.2f} {m['frozen']:7.2f} {m['total']:7.2f} "
-            f"{'fits' if m['fits'] else 'OOM'}"
+            f"{m['activations']:6.2f} {m['encoders']:6.2f} {m['transient']:6.2f} "
+            f"{m['total']:7.2f} {'fits' if m['fits'] else 'OOM ':<4} {m['host']:14.2f}"
         )
     lines += [
         "",
@@ -163,12 +367,86 @@ def render(cfg: CapacityConfig, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def vram_table(cfg: CapacityConfig, models: dict[str, ModelConfig]) -> list[dict[str, Any]]:
+    """Rows of the VRAM table: each model x fine-tuning mode x (ZeRO stage, offload)."""
+    from omni_train.models.finetune import FINETUNE_MODES
+    from omni_train.models.summary import encoder_parameter_counts
+
+    memory_gb = _check(cfg)
+    rows = []
+    for name, model in models.items():
+        encoders = sum(encoder_parameter_counts(model).values())
+        for mode in FINETUNE_MODES:
+            cost = plan_cost(cfg, model, mode)
+            for stage, offload in TABLE_SETUPS:
+                plan = memory_per_gpu(
+                    cost,
+                    encoders,
+                    stage,
+                    cfg.num_gpus,
+                    cfg.precision,
+                    cfg.micro_batch,
+                    offload_optimizer=offload,
+                    offload_param=offload if stage == 3 else "none",
+                )
+                gib = {key: value / GIB for key, value in plan.items()}
+                rows.append(
+                    {
+                        "model": name,
+                        "checkpointing": model.dit.gradient_checkpointing,
+                        "mode": mode,
+                        "trainable": cost.params.trainable(mode),
+                        "zero": stage,
+                        "offload": offload,
+                        **gib,
+                        "fits": gib["total"] < USABLE_SHARE * memory_gb,
+                    }
+                )
+    return rows
+
+
+def render_table(cfg: CapacityConfig, rows: list[dict[str, Any]]) -> str:
+    memory_gb = GPU_MEMORY_GB[cfg.gpu]
+    lines = [
+        f"GiB per GPU at {_clip(cfg, 'each preset with its gradient checkpointing')}; "
+        f"fits = under {USABLE_SHARE:.0%} of "
+        f"{memory_gb:g} GB. offload cpu = optimizer state (and ZeRO-2 gradients) on the "
+        "host, and with ZeRO-3 the parameters too.",
+        "",
+        "| model | ckpt | mode | trainable | ZeRO | offload | weights | grads | optim | activations "
+        "| encoders | transient | total GiB/GPU | host GiB/rank | fits |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {'yes' if r['checkpointing'] else 'no'} | {r['mode']} | "
+            f"{r['trainable'] / 1e9:.3f}B | {r['zero']} | "
+            f"{r['offload']} | {r['weights']:.1f} | {r['gradients']:.1f} | "
+            f"{r['optimizer']:.1f} | {r['activations']:.1f} | {r['encoders']:.1f} | "
+            f"{r['transient']:.1f} | {r['total']:.1f} | {r['host']:.1f} | "
+            f"{'yes' if r['fits'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _preset(name: str) -> ModelConfig:
+    """conf/model/NAME.yaml, composed in the running Hydra app."""
+    from hydra import compose
+
+    return OmegaConf.to_object(compose(config_name="capacity", overrides=[f"model={name}"])).model
+
+
 ConfigStore.instance().store(name="capacity_schema", node=CapacityConfig)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="capacity")
 def main(raw: DictConfig) -> None:
     cfg: CapacityConfig = OmegaConf.to_object(raw)
+    if cfg.table:
+        models = {name: _preset(name) for name in cfg.table_models}
+        print(render_table(cfg, vram_table(cfg, models)))
+        return
     print(render(cfg, estimate(cfg)))
 
 

@@ -1,10 +1,12 @@
 """Describe a model preset: parameters per component and training FLOPs per sample.
 
     python -m omni_train.describe model=7b [resolution=[480,832]] [num_frames=81] \
-        [text_tokens=512] [format=json]
+        [text_tokens=512] [finetune.mode=full|new_modules|lora] [finetune.lora_rank=16] \
+        [format=json]
 
 Nothing is allocated: the model is built on the meta device, so every preset describes in
-about a second on any machine.
+seconds on any machine (a family backbone's FLOPs, and a frozen-base mode's, are counted by
+running one sample through it on meta tensors, omni_train/models/training_cost.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.models.config import ModelConfig
+from omni_train.trainer.config import FinetuneConfig
 
 FORMATS: tuple[str, ...] = ("text", "json")
 COMPONENT_TITLES = {
+    "base": "base transformer",
     "text_stream": "text stream",
     "video_stream": "video stream",
+    "other_new": "motion, learned nulls",
+    "lora_adapters": "LoRA adapters",
     "audio": "audio (projector, cross-attention)",
     "pose_guider": "pose guider",
     "vae": "VAE",
@@ -42,6 +48,8 @@ class DescribeConfig:
     num_frames: int = 81
     # Padded caption tokens per sample; 0 = model.text_encoder.max_length.
     text_tokens: int = 0
+    # Which parameters train (trainer.finetune's modes): the FLOPs are those of this mode.
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     format: str = "text"
 
 
@@ -73,40 +81,76 @@ def _flops(value: float) -> str:
     return f"{value:.0f} FLOP"
 
 
+# How the config keys counting a transformer's blocks read (training_cost.BLOCK_KEYS).
+BLOCK_TITLES = {
+    ("", "depth"): "blocks",
+    ("wan", "num_layers"): "blocks",
+    ("hunyuan_video", "num_layers"): "dual-stream blocks",
+    ("hunyuan_video", "num_single_layers"): "single-stream blocks",
+}
+
+
+def _architecture_line(summary: dict[str, Any], cfg: ModelConfig) -> str:
+    arch = summary["architecture"]
+    blocks = " + ".join(
+        f"{n} {BLOCK_TITLES.get((summary['backbone'], key), key)}"
+        for key, n in arch["blocks"].items()
+    )
+    shape = f"hidden {arch['hidden']}, {arch['heads']} heads x {arch['head_dim']}"
+    if not summary["backbone"]:
+        dit = cfg.dit
+        return (
+            f"model {summary['model']}: MMDiT depth {dit.depth}, {shape}, mlp x{dit.mlp_ratio:g}, "
+            f"patch {dit.patch_size}, {cfg.vae.latent_channels} latent channels"
+        )
+    return (
+        f"model {summary['model']}: {summary['backbone']} backbone ({arch['class']}: {blocks}, "
+        f"{shape}), {cfg.vae.latent_channels} latent channels"
+    )
+
+
 def render_text(summary: dict[str, Any], cfg: ModelConfig) -> str:
-    dit = cfg.dit
-    head_dim = dit.hidden_size // dit.num_heads
+    mode = summary["finetune_mode"]
     lines = [
-        f"model {summary['model']}: MMDiT depth {dit.depth}, hidden {dit.hidden_size}, "
-        f"{dit.num_heads} heads x {head_dim}, mlp x{dit.mlp_ratio:g}, patch {dit.patch_size}, "
-        f"{cfg.vae.latent_channels} latent channels",
+        _architecture_line(summary, cfg),
         "",
-        f"{'component':<38}{'params':>14}{'trainable':>14}",
+        f"{'component':<38}{'params':>16}{'trainable':>16}   ({mode})",
     ]
     for name, part in summary["components"].items():
         title = COMPONENT_TITLES.get(name, name)
         if not part["trainable"]:
             title += " (frozen)"
-        lines.append(f"{title:<38}{part['params']:>14,}{part['trainable']:>14,}")
+        lines.append(f"{title:<38}{part['params']:>16,}{part['trainable']:>16,}")
     lines += [
-        f"{'total':<38}{summary['total_params']:>14,}{summary['trainable_params']:>14,}",
+        f"{'total':<38}{summary['total_params']:>16,}{summary['trainable_params']:>16,}",
         f"trainable {_count(summary['trainable_params'])}, "
         f"frozen {_count(summary['frozen_params'])}",
         "",
     ]
+    params = summary["parameters"]
+    lines += [
+        f"denoiser {_count(params['total'])}: base {_count(params['base'])}, new modules "
+        f"{_count(params['new_modules'])}, LoRA adapters at rank {params['lora_rank']} "
+        f"{_count(params['lora_adapters'])}",
+        f"{'fine-tuning mode':<38}{'trainable':>16}{'frozen':>16}",
+    ]
+    for name, trainable in params["trainable"].items():
+        frozen = params["base"] if name != "full" else 0
+        lines.append(f"{name:<38}{trainable:>16,}{frozen:>16,}")
+    lines.append("")
     tokens = summary["tokens"]
     height, width = summary["resolution"]
     lines += [
-        f"training FLOPs per sample at {height}x{width}, {summary['num_frames']} frames "
+        f"training FLOPs per sample ({mode}) at {height}x{width}, {summary['num_frames']} frames "
         f"({tokens['latent_frames']} latent frames x {tokens['tokens_per_frame']} tokens "
         f"+ {tokens['reference_tokens']} reference tokens, {tokens['text_tokens']} text tokens):",
-        f"{'component':<38}{'forward':>14}{'train':>14}",
+        f"{'component':<38}{'forward':>16}{'train':>16}",
     ]
     for name, part in summary["flops"].items():
-        lines.append(f"{name:<38}{_flops(part['forward']):>14}{_flops(part['train']):>14}")
+        lines.append(f"{name:<38}{_flops(part['forward']):>16}{_flops(part['train']):>16}")
     lines.append(
-        f"{'total':<38}{_flops(summary['forward_flops_per_sample']):>14}"
-        f"{_flops(summary['train_flops_per_sample']):>14}"
+        f"{'total':<38}{_flops(summary['forward_flops_per_sample']):>16}"
+        f"{_flops(summary['train_flops_per_sample']):>16}"
     )
     lines.append("(fwd + bwd model FLOPs of the denoiser; frozen encoders run forward only)")
     return "\n".join(lines)
@@ -119,7 +163,14 @@ def describe(cfg: DescribeConfig) -> str:
         raise ValueError(f"format={cfg.format!r} not in {FORMATS}")
     if len(cfg.resolution) != 2:
         raise ValueError(f"resolution={cfg.resolution} must be [height, width]")
-    summary = model_summary(cfg.model, cfg.resolution, cfg.num_frames, cfg.text_tokens or None)
+    summary = model_summary(
+        cfg.model,
+        cfg.resolution,
+        cfg.num_frames,
+        cfg.text_tokens or None,
+        cfg.finetune.mode,
+        cfg.finetune.lora_rank,
+    )
     if cfg.format == "json":
         return json.dumps(summary)
     return render_text(summary, cfg.model)

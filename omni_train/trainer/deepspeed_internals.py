@@ -76,7 +76,6 @@ def pickled_optimizer_classes() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-
 def model_state_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
     """The tensors holding this rank's model states: "weights" (the module's parameters and,
     under ZeRO-3, their partitions), "gradients" (the parameters' .grad and the optimizer's

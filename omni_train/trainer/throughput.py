@@ -1,8 +1,10 @@
 """Throughput figures: tokens and FLOPs per sample, MFU, peak memory.
 
 MFU = model FLOPs per second / (ranks x peak FLOP/s per rank). The model FLOPs per sample
-come from ``omni_train.models.flops.train_flops_per_sample`` (swap ``flops_per_sample_fn`` to
-count differently), at the padded text length each sample actually ran with. The peak is
+come from ``omni_train.models.training_cost.train_flops_per_sample_of`` (the closed form of
+flops.py for this project's MMDiT trained in full, else counted on the meta device for the
+backbone family and fine-tuning mode; swap ``flops_per_sample_fn`` to count differently), at
+the padded text length each sample actually ran with. The peak is
 ``trainer.peak_tflops`` or, when 0, the dense peak of a known CUDA GPU at the run's precision
 (``peak_for_precision``). CPU runs report no MFU unless a peak is given.
 """
@@ -18,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from omni_train.models.config import ModelConfig
-from omni_train.models.flops import token_counts, train_flops_per_sample
+from omni_train.models.flops import token_counts
+from omni_train.models.training_cost import train_flops_per_sample_of
 from omni_train.trainer.ds_config import resolve_precision
 
-flops_per_sample_fn: Callable[[ModelConfig, Sequence[int], int, int], int] = train_flops_per_sample
+# (model config, resolution, pixel frames, text tokens, fine-tuning mode, LoRA rank) -> FLOPs
+flops_per_sample_fn: Callable[..., int] = train_flops_per_sample_of
 
 
 @dataclass(frozen=True)
@@ -117,12 +121,16 @@ def flops_of_samples(
     resolution: Sequence[int],
     num_frames: int,
     text_tokens: Sequence[int],
+    finetune_mode: str = "full",
+    lora_rank: int | None = None,
 ) -> int:
     """Training FLOPs of the samples that ran, one entry of ``text_tokens`` per sample: the
     padded caption length of its batch (batches pad to their longest caption, not to
-    ``max_length``)."""
+    ``max_length``), for the run's trainer.finetune mode and LoRA rank."""
     per_length = {
-        length: flops_per_sample_fn(model_cfg, resolution, num_frames, length)
+        length: flops_per_sample_fn(
+            model_cfg, resolution, num_frames, length, finetune_mode, lora_rank
+        )
         for length in set(text_tokens)
     }
     return sum(per_length[length] for length in text_tokens)

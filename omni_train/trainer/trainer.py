@@ -398,8 +398,14 @@ class Trainer:
         stage_index, stage = stage_at(self.cfg.curriculum, self.global_step - 1)
         data = self.cfg.data
         # The model FLOPs and text positions that ran on this rank, summed with the totals.
+        finetune = self.cfg.trainer.finetune
         work = throughput.flops_of_samples(
-            self.cfg.model, data.resolution, data.num_frames, result.text_tokens
+            self.cfg.model,
+            data.resolution,
+            data.num_frames,
+            result.text_tokens,
+            finetune.mode,
+            finetune.lora_rank,
         )
         vector = result.totals(flops=work).to_tensor(self.device)
         dist.all_reduce(vector)

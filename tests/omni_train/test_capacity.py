@@ -1,13 +1,35 @@
-"""The capacity planner: its model-state figures match what a tiny model allocates on CPU."""
+"""The capacity planner: its memory model (ZeRO stages, offload, frozen bases), plans and the
+VRAM table. tests/omni_train/test_capacity_measured.py holds it against real engines."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from omni_train.capacity import CapacityConfig, estimate, model_state_bytes, render
+from omni_train.capacity import (
+    GIB,
+    CapacityConfig,
+    estimate,
+    memory_per_gpu,
+    model_state_bytes,
+    persistent_params,
+    plan_cost,
+    render,
+    render_table,
+    transient_bytes,
+    vram_table,
+)
+from omni_train.describe import model_preset
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
+from omni_train.models.training_cost import ParameterCounts, TrainingCost
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tensor_bytes(tensors) -> int:
@@ -28,6 +50,7 @@ def test_fp32_model_states_match_a_measured_adam_step_on_cpu():
         "optimizer": _tensor_bytes(
             v for state in optimizer.state.values() for k, v in state.items() if k != "step"
         ),
+        "host": 0,
     }
     planned = model_state_bytes(sum(p.numel() for p in trainable), 0, 1, "fp32")
     assert planned == measured
@@ -41,15 +64,148 @@ def test_zero_stages_shard_progressively():
     assert totals[3] == pytest.approx(full / 8)
 
 
+def test_frozen_weights_are_sharded_only_by_zero3_and_persistent_ones_stay_whole():
+    # 1000 trainable, 4000 frozen parameters on 8 ranks in bf16.
+    stage2 = model_state_bytes(1000, 2, 8, "bf16", frozen=4000)
+    assert stage2 == {"weights": 10_000, "gradients": 250, "optimizer": 1500, "host": 0}
+    stage3 = model_state_bytes(1000, 3, 8, "bf16", frozen=4000, persistent=(100, 200))
+    assert stage3 == {"weights": 1250 + 600, "gradients": 250, "optimizer": 1500, "host": 0}
+    assert model_state_bytes(1000, 1, 8, "fp32")["optimizer"] == 12 * 1000 / 8
+    assert model_state_bytes(1000, 3, 8, "fp32")["optimizer"] == 8 * 1000 / 8
+
+
+def test_offload_moves_optimizer_state_gradients_and_weights_to_the_host():
+    stage1 = model_state_bytes(1000, 1, 8, "bf16", frozen=4000, offload_optimizer="cpu")
+    assert stage1 == {"weights": 10_000, "gradients": 250, "optimizer": 0, "host": 1500}
+    stage2 = model_state_bytes(1000, 2, 8, "bf16", frozen=4000, offload_optimizer="cpu")
+    assert stage2 == {"weights": 10_000, "gradients": 0, "optimizer": 0, "host": 1750}
+    stage3 = model_state_bytes(
+        1000, 3, 8, "bf16", 4000, (100, 200), offload_optimizer="cpu", offload_param="cpu"
+    )
+    assert stage3 == {"weights": 600, "gradients": 0, "optimizer": 0, "host": 1250 + 1750}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"zero_stage": 2, "offload_param": "cpu"}, "offload_param needs zero_stage 3"),
+        ({"zero_stage": 0, "offload_optimizer": "cpu"}, "offload_optimizer needs zero_stage"),
+        ({"zero_stage": 3, "offload_param": "disk"}, "offload_param='disk'"),
+    ],
+)
+def test_impossible_offload_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model_state_bytes(1000, kwargs.pop("zero_stage"), 8, "bf16", **kwargs)
+
+
+def test_transient_memory_follows_deepspeeds_buckets():
+    # 2e9 trainable parameters, 8 ranks, bf16, a largest module of 1e8 parameters.
+    args = (2_000_000_000, 100_000_000)
+    assert transient_bytes(*args, 0, 8, "bf16") == 0
+    assert transient_bytes(*args, 1, 8, "bf16") == 2 * 2e9 * 7 / 8
+    assert transient_bytes(*args, 2, 8, "bf16") == 2 * 5e8
+    assert transient_bytes(*args, 3, 8, "bf16") == 2 * 5e8 + 2 * (1e8 + 5e7)
+    assert transient_bytes(1000, 10, 2, 8, "bf16") == 2 * 1000
+
+
+def _cost(mode: str) -> TrainingCost:
+    params = ParameterCounts(
+        base=3000,
+        new_modules=1000,
+        lora_adapters=500,
+        lora_rank=4,
+        numels={"base": (2900, 100), "new_modules": (1000,), "lora_adapters": (500,)},
+        largest_module=10,
+    )
+    return TrainingCost(mode, params, 0, 0, saved_bytes=900, activation_bytes=700)
+
+
+def test_persistent_parameters_follow_the_mode():
+    params = ParameterCounts(
+        base=300_000,
+        new_modules=1000,
+        lora_adapters=500,
+        lora_rank=4,
+        numels={
+            "base": (200_000, 100_000, 99_999, 1),
+            "new_modules": (1000,),
+            "lora_adapters": (500,),
+        },
+        largest_module=10,
+    )
+    assert persistent_params(params, "full") == (1000 + 99_999 + 1, 0)
+    assert persistent_params(params, "new_modules") == (1000, 100_000)
+    assert persistent_params(params, "lora") == (1500, 100_000)
+
+
+def test_memory_per_gpu_adds_activations_encoders_and_transients():
+    lora = memory_per_gpu(_cost("lora"), 50, 2, 8, "bf16", micro_batch=3)
+    assert lora["weights"] == 2 * (1500 + 3000)
+    assert lora["gradients"] == 2 * 1500 / 8 and lora["optimizer"] == 12 * 1500 / 8
+    assert lora["activations"] == 3 * 700 and lora["encoders"] == 4 * 50
+    assert lora["transient"] == 2 * 1500
+    parts = ("weights", "gradients", "optimizer", "activations", "encoders", "transient")
+    assert lora["total"] == sum(lora[k] for k in parts)
+    full = memory_per_gpu(_cost("full"), 50, 3, 8, "bf16", 1, "cpu", "cpu")
+    assert full["weights"] == 2 * 4000  # every tensor is below the persistence threshold
+    assert full["host"] == (2 + 2 + 12) * 4000 / 8
+
+
 def test_estimate_of_the_tiny_model_renders_stages_and_gpu_days():
     cfg = CapacityConfig(resolution=[64, 64], num_frames=17, num_gpus=8, max_steps=60)
     result = estimate(cfg)
     assert sum(s["steps"] for s in result["stages"]) == 60
     assert result["step_time_s"] > 0
+    assert list(result["memory_gib"]) == [0, 1, 2, 3]
     text = render(cfg, result)
-    assert "GPU-days" in text and "zero" in text
+    assert "GPU-days" in text and "zero" in text and "host GiB/rank" in text
+
+
+def test_offload_plans_only_the_stages_that_allow_it():
+    cfg = CapacityConfig(
+        model=model_preset("wan_tiny"), resolution=[32, 32], num_frames=5, num_gpus=8
+    )
+    cfg.finetune.mode = "lora"
+    cfg.offload_optimizer = "cpu"
+    assert list(estimate(cfg)["memory_gib"]) == [1, 2, 3]
+    cfg.offload_param = "cpu"
+    memory = estimate(cfg)["memory_gib"]
+    assert list(memory) == [3] and memory[3]["host"] > 0
 
 
 def test_unknown_gpu_is_explained():
     with pytest.raises(ValueError, match="gpu='V1'"):
         estimate(CapacityConfig(resolution=[64, 64], num_frames=17, gpu="V1"))
+
+
+def test_vram_table_rows_cover_models_modes_and_setups():
+    cfg = CapacityConfig(resolution=[32, 32], num_frames=5, num_gpus=8)
+    models = {"tiny": ModelConfig(), "wan_tiny": model_preset("wan_tiny")}
+    rows = vram_table(cfg, models)
+    assert len(rows) == 2 * 3 * 4
+    keyed = {(r["model"], r["mode"], r["zero"], r["offload"]): r for r in rows}
+    lora2, lora3 = keyed["wan_tiny", "lora", 2, "none"], keyed["wan_tiny", "lora", 3, "none"]
+    # The frozen base is sharded by ZeRO-3 only; the toy's tensors all stay whole besides.
+    whole = 2 * sum(persistent_params(plan_cost(cfg, models["wan_tiny"], "lora").params, "lora"))
+    assert lora3["weights"] == pytest.approx(lora2["weights"] / 8 + whole / GIB)
+    assert keyed["wan_tiny", "lora", 2, "cpu"]["optimizer"] == 0
+    assert keyed["tiny", "full", 3, "cpu"]["host"] > 0
+    assert all(r["fits"] for r in rows)  # toy models
+    text = render_table(cfg, rows)
+    assert text.count("\n| ") == len(rows) + 2 and "32x32, 5 frames" in text
+
+
+def test_cli_prints_the_table():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    args = ["table=true", "table_models=[tiny]", "resolution=[32,32]", "num_frames=5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_train.capacity", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 3 * 4

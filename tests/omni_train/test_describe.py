@@ -112,3 +112,51 @@ def test_cli_prints_one_json_object_and_fails_clearly():
     assert {"total_params", "trainable_params", "train_flops_per_sample"} <= set(summary)
     bad = run_cli("num_frames=10")
     assert bad.returncode == 2 and "num_frames" in bad.stderr
+
+
+FAMILY_COMPONENTS = {
+    "base",
+    "audio",
+    "pose_guider",
+    "other_new",
+    "vae",
+    "text_encoder",
+    "audio_encoder",
+}
+
+
+@pytest.mark.parametrize("preset", ["wan_tiny", "hunyuan_video_tiny"])
+def test_family_presets_split_base_and_new_modules_per_mode(preset):
+    cfg = compose_describe(f"model={preset}")
+    model = build_denoiser(cfg.model)
+    new = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(model.new_module_prefixes)
+    )
+    total = sum(p.numel() for p in model.parameters())
+    full = summary_of(f"model={preset}", "resolution=[32,32]", "num_frames=5", "text_tokens=4")
+    assert set(full["components"]) == FAMILY_COMPONENTS
+    assert full["components"]["base"]["params"] == total - new == full["parameters"]["base"]
+    assert full["parameters"]["new_modules"] == new
+    lora = summary_of(
+        f"model={preset}",
+        "resolution=[32,32]",
+        "num_frames=5",
+        "text_tokens=4",
+        "finetune.mode=lora",
+        "finetune.lora_rank=2",
+    )
+    adapters = lora["parameters"]["lora_adapters"]
+    assert lora["components"]["base"]["trainable"] == 0
+    assert lora["components"]["lora_adapters"]["trainable"] == adapters > 0
+    denoiser_trainable = lora["trainable_params"]
+    assert denoiser_trainable == new + adapters == lora["parameters"]["trainable"]["lora"]
+    assert lora["train_flops_per_sample"] < full["train_flops_per_sample"]
+    assert full["flops"]["denoiser"]["train"] == full["train_flops_per_sample"]
+
+
+def test_family_table_names_its_backbone_and_modes():
+    table = describe(
+        compose_describe("model=wan_tiny", "resolution=[32,32]", "num_frames=5", "text_tokens=4")
+    )
+    for text in ("wan backbone (WanTransformer3DModel: 2 blocks", "base transformer", "lora"):
+        assert text in table
