@@ -109,6 +109,8 @@ class OmniDenoiser(nn.Module):
         self.new_module_prefixes: tuple[str, ...] = (
             "audio_projector.",
             "null_audio",
+            "null_reference",
+            "motion_embedding",
             "pose_guider.",
             "pose_patch_embed.",
             *(f"backbone.blocks.{i}.audio_attn." for i in range(dit.depth)),

@@ -19,7 +19,7 @@ from omni_train.testing import denoiser_inputs, pretrained_like
 
 RANK, ALPHA = 4, 8.0  # scaling 2: a merge that forgets it is off by a factor of 2
 # The tiny model's (depth 2) new modules: what a text-to-video MMDiT does not have.
-NEW_MODULE_TENSORS = 35
+NEW_MODULE_TENSORS = 37
 # Its attention and MLP linears. The last block's text stream ends at its qkv: its output
 # feeds nothing, so it has no attention output or MLP.
 LORA_LAYERS = [
@@ -51,6 +51,8 @@ def test_new_modules_mode_trains_the_new_modules_only():
     prefixes = (
         "audio_projector.",
         "null_audio",
+        "null_reference",
+        "motion_embedding",
         "pose_guider.",
         "pose_patch_embed.",
         "backbone.blocks.0.audio_attn.",

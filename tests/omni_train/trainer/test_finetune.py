@@ -30,7 +30,7 @@ from omni_train.trainer.finetune import build_finetuned_denoiser, param_groups
 RANK, ALPHA = 4, 8.0
 LR, NEW_SCALE, LORA_SCALE = 1e-3, 0.5, 3.0
 # The tiny denoiser's 35 new-module tensors, and LoRA's A and B on 13 linears.
-NEW_MODULE_TENSORS, LORA_TENSORS = 35, 26
+NEW_MODULE_TENSORS, LORA_TENSORS = 37, 26
 NEW_PREFIXES = tuple(build_denoiser(ModelConfig()).new_module_prefixes)
 
 
