@@ -30,7 +30,7 @@ demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash launch/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
