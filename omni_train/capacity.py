@@ -437,6 +437,29 @@ def _preset(name: str) -> ModelConfig:
     return OmegaConf.to_object(compose(config_name="capacity", overrides=[f"model={name}"])).model
 
 
+def render_table_summary(cfg: CapacityConfig, rows: list[dict[str, Any]]) -> str:
+    """One line per model and mode: GiB per GPU of each (ZeRO stage, offload) setup."""
+    memory_gb = GPU_MEMORY_GB[cfg.gpu]
+    setups = [f"ZeRO-{stage} offload {offload}" for stage, offload in TABLE_SETUPS]
+    lines = [
+        f"GiB per GPU at {_clip(cfg, 'each preset with its gradient checkpointing')}; "
+        f"x = over {USABLE_SHARE:.0%} of {memory_gb:g} GB",
+        "",
+        "| model | mode | trainable | " + " | ".join(setups) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(setups),
+    ]
+    for start in range(0, len(rows), len(TABLE_SETUPS)):
+        group = rows[start : start + len(TABLE_SETUPS)]
+        cells = [f"{r['total']:.1f}" + ("" if r["fits"] else " x") for r in group]
+        first = group[0]
+        lines.append(
+            f"| {first['model']} | {first['mode']} | {first['trainable'] / 1e9:.2f}B | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 ConfigStore.instance().store(name="capacity_schema", node=CapacityConfig)
 
 
@@ -445,7 +468,8 @@ def main(raw: DictConfig) -> None:
     cfg: CapacityConfig = OmegaConf.to_object(raw)
     if cfg.table:
         models = {name: _preset(name) for name in cfg.table_models}
-        print(render_table(cfg, vram_table(cfg, models)))
+        rows = vram_table(cfg, models)
+        print(render_table_summary(cfg, rows), render_table(cfg, rows), sep="\n\n")
         return
     print(render(cfg, estimate(cfg)))
 

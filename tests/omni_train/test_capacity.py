@@ -13,6 +13,7 @@ import torch
 
 from omni_train.capacity import (
     GIB,
+    TABLE_SETUPS,
     CapacityConfig,
     estimate,
     memory_per_gpu,
@@ -21,6 +22,7 @@ from omni_train.capacity import (
     plan_cost,
     render,
     render_table,
+    render_table_summary,
     transient_bytes,
     vram_table,
 )
@@ -193,6 +195,10 @@ def test_vram_table_rows_cover_models_modes_and_setups():
     assert all(r["fits"] for r in rows)  # toy models
     text = render_table(cfg, rows)
     assert text.count("\n| ") == len(rows) + 2 and "32x32, 5 frames" in text
+    summary = render_table_summary(cfg, rows).splitlines()
+    assert summary[-1].startswith("| wan_tiny | lora |") and len(summary) == 4 + 2 * 3
+    totals = [f"{keyed['wan_tiny', 'lora', z, o]['total']:.1f}" for z, o in TABLE_SETUPS]
+    assert summary[-1].endswith(" | ".join(totals) + " |")
 
 
 def test_cli_prints_the_table():
@@ -208,4 +214,4 @@ def test_cli_prints_the_table():
     )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 3 * 4
+    assert len(rows) == 3 + 3 * 4  # the summary, then the breakdown

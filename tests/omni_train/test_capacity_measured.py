@@ -109,7 +109,6 @@ def test_planned_model_states_match_a_deepspeed_engine(preset, mode, stage):
     cfg = model_preset(preset)
     measured = run_ranks(_rank, RANKS, cfg, mode, stage)
     planned = planned_model_states(cfg, mode, stage)
-    print(preset, mode, stage, measured, planned)
     for rank_measured in measured:
         ratio = sum(rank_measured.values()) / sum(planned.values())
         assert ratio == pytest.approx(1.0, abs=0.10), (rank_measured, planned)
