@@ -220,3 +220,16 @@ def test_mfu_counts_a_family_run_in_its_mode():
         t: training_cost(cfg, (32, 32), 5, t, "lora", RANK, "fp32").train_flops for t in (5, 7)
     }
     assert ran == 2 * per_sample[5] + per_sample[7]
+
+
+def test_a_pretrained_family_base_is_counted_from_its_config_without_loading(tmp_path):
+    cfg = model_preset("wan_tiny")
+    torch.manual_seed(0)
+    build_denoiser(cfg).base.save_pretrained(tmp_path / "transformer")
+    pretrained = dataclasses.replace(
+        cfg,
+        backbone=dataclasses.replace(cfg.backbone, pretrained=str(tmp_path), diffusers_config={}),
+    )
+    meta = build_on_meta(pretrained)
+    assert all(p.is_meta for p in meta.parameters())
+    assert parameter_counts(meta, RANK) == parameter_counts(build_on_meta(cfg), RANK)
