@@ -200,7 +200,8 @@ def memory_per_gpu(
     Model states: ``model_state_bytes`` for the mode's trainable and frozen parameters.
     Activations: what the denoiser keeps for backward per sample (counted, with the preset's
     gradient checkpointing) x micro batch. Encoders: the frozen VAE, text and audio
-    encoders, which the trainer keeps on every GPU as built (fp32). Transient: see
+    encoders, which the trainer keeps on every GPU in the run's precision
+    (trainer.frozen_dtype=auto). Transient: see
     ``transient_bytes``.
     """
     params = cost.params
@@ -219,7 +220,8 @@ def memory_per_gpu(
     plan = {
         **states,
         "activations": float(cost.activation_bytes * micro_batch),
-        "encoders": 4.0 * encoder_params,
+        # trainer.frozen_dtype=auto keeps them in the run's precision.
+        "encoders": (2.0 if precision == "bf16" else 4.0) * encoder_params,
         "transient": transient_bytes(
             trainable, params.largest_module, zero_stage, ranks, precision
         ),

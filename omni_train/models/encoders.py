@@ -30,25 +30,33 @@ class FrozenEncoders(nn.Module):
         # A parent's .train() reaches here; dropout and wav2vec2 masking must stay off.
         return super().train(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     @torch.no_grad()
     def encode_video(self, video: Tensor) -> Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, C, 1 + (T-1)/4, H/8, W/8)."""
-        return self.vae.encode(video)
+        """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, C, 1 + (T-1)/4, H/8, W/8).
+
+        Inputs are cast to the encoders' dtype (bf16 when kept in bf16) and outputs come back
+        in the input's floating dtype, so callers never see the storage dtype."""
+        return self.vae.encode(video.to(self.dtype)).to(video.dtype)
 
     @torch.no_grad()
     def decode_video(self, latents: Tensor) -> Tensor:
         """Scaled latents -> (B, 3, T, H, W), unclamped."""
-        return self.vae.decode(latents)
+        return self.vae.decode(latents.to(self.dtype)).to(latents.dtype)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """Captions -> (embeddings (B, Ltok, D), bool mask (B, Ltok))."""
-        return self.text(captions)
+        """Captions -> (embeddings (B, Ltok, D) float32, bool mask (B, Ltok))."""
+        embeddings, mask = self.text(captions)
+        return embeddings.float(), mask
 
     @torch.no_grad()
     def encode_audio(self, waveform: Tensor, num_frames: int) -> Tensor:
         """(B, samples) at 16 kHz -> (B, num_frames, feature_dim)."""
-        return self.audio(waveform, num_frames)
+        return self.audio(waveform.to(self.dtype), num_frames).to(waveform.dtype)
 
 
 def build_vae(cfg: VAEConfig) -> CausalVAE:

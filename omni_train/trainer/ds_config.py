@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from omni_train.trainer.config import TrainerConfig
 
 _OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -25,6 +27,18 @@ def _offload(device: str, nvme_path: str, key: str) -> dict[str, Any]:
     if device == "nvme":
         section["nvme_path"] = nvme_path
     return section
+
+
+def frozen_dtype(trainer: TrainerConfig, cuda: bool) -> torch.dtype:
+    """The storage dtype of the frozen encoders: trainer.frozen_dtype, "auto" = the run's precision."""
+    choice = trainer.frozen_dtype
+    if choice == "auto":
+        choice = resolve_precision(trainer.precision, cuda)
+    if choice not in ("fp32", "bf16"):
+        raise ValueError(
+            f"trainer.frozen_dtype={trainer.frozen_dtype!r}: use 'auto', 'fp32' or 'bf16'"
+        )
+    return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
 def deepspeed_config(

@@ -28,6 +28,7 @@ from omni_train.trainer import throughput
 from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
 from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.deepspeed_internals import discard_accumulated_gradients
+from omni_train.trainer.ds_config import frozen_dtype
 from omni_train.trainer.ema import ShardedEMA
 from omni_train.trainer.finetune import (
     MODE_KEY,
@@ -100,7 +101,8 @@ class Trainer:
         cfg = self.cfg
         # Same seed on every rank: random-init encoders and the denoiser agree everywhere.
         torch.manual_seed(cfg.seed)
-        self.encoders = build_frozen_encoders(cfg.model).to(self.device).eval()
+        dtype = frozen_dtype(cfg.trainer, cuda=self.device.type == "cuda")
+        self.encoders = build_frozen_encoders(cfg.model).to(self.device, dtype).eval()
         self.encoders.requires_grad_(False)
         denoiser = build_denoiser(cfg.model)
         finetune = cfg.trainer.finetune

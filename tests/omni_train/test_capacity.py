@@ -144,13 +144,15 @@ def test_memory_per_gpu_adds_activations_encoders_and_transients():
     lora = memory_per_gpu(_cost("lora"), 50, 2, 8, "bf16", micro_batch=3)
     assert lora["weights"] == 2 * (1500 + 3000)
     assert lora["gradients"] == 2 * 1500 / 8 and lora["optimizer"] == 12 * 1500 / 8
-    assert lora["activations"] == 3 * 700 and lora["encoders"] == 4 * 50
+    # The frozen encoders are stored in the run's precision (trainer.frozen_dtype=auto).
+    assert lora["activations"] == 3 * 700 and lora["encoders"] == 2 * 50
     assert lora["transient"] == 2 * 1500
     parts = ("weights", "gradients", "optimizer", "activations", "encoders", "transient")
     assert lora["total"] == sum(lora[k] for k in parts)
     full = memory_per_gpu(_cost("full"), 50, 3, 8, "bf16", 1, "cpu", "cpu")
     assert full["weights"] == 2 * 4000  # every tensor is below the persistence threshold
     assert full["host"] == (2 + 2 + 12) * 4000 / 8
+    assert memory_per_gpu(_cost("full"), 50, 3, 8, "fp32", 1)["encoders"] == 4 * 50
 
 
 def test_estimate_of_the_tiny_model_renders_stages_and_gpu_days():

@@ -172,3 +172,24 @@ def test_frozen_is_random_until_all_three_are_pretrained():
     assert frozen_is_random(cfg)
     cfg.audio_encoder.pretrained = "wav2vec2"
     assert not frozen_is_random(cfg)
+
+
+def test_encoders_kept_in_bf16_take_and_give_float32():
+    torch.manual_seed(0)
+    encoders = build_frozen_encoders(ModelConfig())
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    wave = torch.randn(1, 3200)
+    want_latents = encoders.encode_video(video)
+    want_text, _ = encoders.encode_text(["a person talks"])
+    encoders.to(torch.bfloat16)
+    latents = encoders.encode_video(video)
+    text, mask = encoders.encode_text(["a person talks"])
+    audio = encoders.encode_audio(wave, 5)
+    decoded = encoders.decode_video(latents)
+    assert {latents.dtype, text.dtype, audio.dtype, decoded.dtype} == {torch.float32}
+    assert next(encoders.parameters()).dtype == torch.bfloat16
+    # bf16 storage and compute: close to the fp32 result, not equal to it.
+    torch.testing.assert_close(latents, want_latents, rtol=0.05, atol=0.05)
+    assert not torch.equal(latents, want_latents)
+    torch.testing.assert_close(text, want_text, rtol=0.05, atol=0.05)
+    assert mask.dtype == torch.bool

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from omni_train.trainer.config import TrainerConfig
-from omni_train.trainer.ds_config import deepspeed_config
+from omni_train.trainer.ds_config import deepspeed_config, frozen_dtype
 
 
 def test_batch_sizes_and_zero_stage_come_from_the_hydra_config():
@@ -52,3 +53,24 @@ def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
     cfg = TrainerConfig(precision="auto")
     assert deepspeed_config(cfg, 1, 1, cuda=True)["bf16"]["enabled"] is True
     assert deepspeed_config(cfg, 1, 1, cuda=False)["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("frozen", "precision", "cuda", "want"),
+    [
+        ("auto", "bf16", False, torch.bfloat16),
+        ("auto", "auto", True, torch.bfloat16),
+        ("auto", "auto", False, torch.float32),
+        ("auto", "fp32", True, torch.float32),
+        ("fp32", "bf16", True, torch.float32),
+        ("bf16", "fp32", False, torch.bfloat16),
+    ],
+)
+def test_frozen_encoders_follow_the_run_precision_unless_set(frozen, precision, cuda, want):
+    trainer = TrainerConfig(frozen_dtype=frozen, precision=precision)
+    assert frozen_dtype(trainer, cuda) == want
+
+
+def test_an_unknown_frozen_dtype_names_the_key():
+    with pytest.raises(ValueError, match="trainer.frozen_dtype='fp16'"):
+        TrainerConfig(frozen_dtype="fp16").validate()
