@@ -11,6 +11,10 @@ an offline W&B run in OUT/wandb. OUT defaults to RUN_DIR/eval, where `omni_train
 reads it. Bad input exits with status 2 and a message naming the key. As in
 omni_train.sample, a checkpoint's config.yaml may name only this project's code as a
 ``_target_`` unless trust_checkpoint_code=true.
+
+Under ``torchrun --standalone --nproc_per_node 3 -m omni_train.evaluate ...`` (or 2) each
+denoising step's guidance passes run on different ranks (omni_train/diffusion/cfg_parallel.py);
+rank 0 scores the clips and writes OUT.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def main(raw: DictConfig) -> None:
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         sys.exit(2)
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
 The video is generated segment by segment; each segment after the first is conditioned on
 the last 5 frames of the one before (motion frames, paper §3.4).
 
+    torchrun --standalone --nproc_per_node 3 -m omni_train.sample ...
+
+runs each denoising step's guidance passes (unconditional, text, text + audio) on different
+ranks (omni_train/diffusion/cfg_parallel.py; 2 ranks split them 2 + 1); rank 0 writes OUT.
+
 The run is loaded by omni_train/runs.py, which accepts only this project's ``_target_``
 entries from the checkpoint's config.yaml unless ``trust_checkpoint_code=true`` is given.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -24,6 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from omni_train.config import SampleConfig, register_configs
 from omni_train.contracts import is_causal_frame_count
 from omni_train.runs import load_run
+
+if TYPE_CHECKING:
+    from omni_train.diffusion.cfg_parallel import CFGParallel
 
 log = logging.getLogger("omni_train.sample")
 register_configs()
@@ -35,7 +44,15 @@ def output_frames(seconds: float, audio_seconds: float, fps: float, segment_fram
     return max(wanted, 2 * segment_frames - 5)
 
 
-def run_sampling(cfg: SampleConfig) -> Path:
+def run_sampling(cfg: SampleConfig) -> Path | None:
+    """Write the sample; returns its path (None on the other ranks of a torchrun launch)."""
+    from omni_train.diffusion.cfg_parallel import cfg_parallel_from_env
+
+    with cfg_parallel_from_env("cpu") as parallel:
+        return _sample(cfg, parallel)
+
+
+def _sample(cfg: SampleConfig, parallel: CFGParallel | None) -> Path | None:
     from omni_train.diffusion.sampler import generate_long_video
     from omni_train.media import (
         AUDIO_RATE,
@@ -87,7 +104,10 @@ def run_sampling(cfg: SampleConfig) -> Path:
             segment,
             diffusion,
             generator,
+            parallel=parallel,
         )
+    if video is None:
+        return None
     out = Path(cfg.out)
     write_mp4(out, to_uint8_frames(video[0]), fps, audio.numpy(), AUDIO_RATE)
     return out
@@ -101,7 +121,8 @@ def main(raw: DictConfig) -> None:
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         sys.exit(2)
-    print(f"wrote {out}")
+    if out is not None:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from omni_train.contracts import CONDITIONS, TASK_CONDITIONS, latent_frames
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
 from omni_train.diffusion.flow import shift_timesteps
+
+if TYPE_CHECKING:
+    from omni_train.diffusion.cfg_parallel import CFGParallel
 
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -63,6 +66,28 @@ def inference_timesteps(steps: int, shift: float) -> torch.Tensor:
     return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
+# (x, t, text_scale, audio_scale) -> guided velocity: guided_velocity or a parallel one.
+VelocityFn = Callable[[GuidedModelFn, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+def guidance_passes(text_scale: float, audio_scale: float) -> list[tuple[bool, bool]]:
+    """(text_on, audio_on) of each model pass a guided step needs, in combine_passes' order:
+    one conditional pass at unit scales, else unconditional, text, text + audio."""
+    if text_scale == 1.0 and audio_scale == 1.0:
+        return [(True, True)]
+    return [(False, False), (True, False), (True, True)]
+
+
+def combine_passes(
+    velocities: list[torch.Tensor], text_scale: float, audio_scale: float
+) -> torch.Tensor:
+    """The guided velocity from the passes of guidance_passes(text_scale, audio_scale)."""
+    if len(velocities) == 1:
+        return velocities[0]
+    v_uncond, v_text, v_text_audio = velocities
+    return v_uncond + text_scale * (v_text - v_uncond) + audio_scale * (v_text_audio - v_text)
+
+
 def guided_velocity(
     model_fn: GuidedModelFn,
     x: torch.Tensor,
@@ -72,20 +97,19 @@ def guided_velocity(
     batched: bool = True,
 ) -> torch.Tensor:
     batch = x.shape[0]
-    on = torch.ones(batch, dtype=torch.bool, device=x.device)
-    if text_scale == 1.0 and audio_scale == 1.0:
-        return model_fn(x, t, on, on)
-    off = ~on
-    passes = [(off, off), (on, off), (on, on)]  # uncond, text, text + audio
+    passes = [
+        (torch.full((batch,), text, device=x.device), torch.full((batch,), audio, device=x.device))
+        for text, audio in guidance_passes(text_scale, audio_scale)
+    ]
+    if len(passes) == 1:
+        return model_fn(x, t, *passes[0])
     if batched:
         text_on = torch.cat([p[0] for p in passes])
         audio_on = torch.cat([p[1] for p in passes])
-        v_uncond, v_text, v_text_audio = model_fn(
-            x.repeat(3, 1, 1, 1, 1), t.repeat(3), text_on, audio_on
-        ).chunk(3)
+        velocities = model_fn(x.repeat(3, 1, 1, 1, 1), t.repeat(3), text_on, audio_on).chunk(3)
     else:
-        v_uncond, v_text, v_text_audio = (model_fn(x, t, *p) for p in passes)
-    return v_uncond + text_scale * (v_text - v_uncond) + audio_scale * (v_text_audio - v_text)
+        velocities = [model_fn(x, t, *p) for p in passes]
+    return combine_passes(list(velocities), text_scale, audio_scale)
 
 
 def euler_sample(
@@ -96,11 +120,13 @@ def euler_sample(
     guidance: Guidance,
     motion_latents: torch.Tensor | None = None,
     batched: bool = True,
+    velocity: VelocityFn | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (``noise``, (B, C, L, h, w)) to t = 0.
 
     ``motion_latents`` (B, C, m, h, w), if given, overwrite the first m frames before every
-    model call and in the result, so they stay clean throughout.
+    model call and in the result, so they stay clean throughout. ``velocity`` replaces
+    guided_velocity (e.g. CFGParallel.velocity, its branches on several ranks).
     """
     times = inference_timesteps(steps, shift)
     scales = guidance_schedule(guidance, steps)
@@ -108,7 +134,10 @@ def euler_sample(
     for i in range(steps):
         x = _with_motion(x, motion_latents)
         t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
-        v = guided_velocity(model_fn, x, t, *scales[i], batched=batched)
+        if velocity is None:
+            v = guided_velocity(model_fn, x, t, *scales[i], batched=batched)
+        else:
+            v = velocity(model_fn, x, t, *scales[i])
         x = x + float(times[i + 1] - times[i]) * v
     return _with_motion(x, motion_latents)
 
@@ -216,7 +245,8 @@ def generate_long_video(
     task: str = "audio",
     keypoints: torch.Tensor | None = None,
     pose_sigma: float = 2.0,
-) -> torch.Tensor:
+    parallel: CFGParallel | None = None,
+) -> torch.Tensor | None:
     """(1, 3, total_frames, H, W) video in [-1, 1] from a reference image, 16 kHz audio and a
     caption, segment by segment; each later segment starts from the VAE re-encoding of the
     last ``motion_frames`` frames generated so far, and those duplicates are dropped.
@@ -224,6 +254,10 @@ def generate_long_video(
     ``task`` selects the conditions (TASK_CONDITIONS); ``task="pose"`` needs ``keypoints``
     (T, 17, 3), normalised to the output frame as the data loader gives them, rendered per
     segment as heatmaps of radius ``pose_sigma`` pixels (data.pose_sigma).
+
+    With ``parallel`` every rank of its group calls this with the same inputs: each denoising
+    step's guidance passes run on different ranks; rank 0's noise and motion latents are the
+    ones every rank uses, and only rank 0 decodes and returns the video (the others None).
     """
     device = next(denoiser.parameters()).device
     if task == "pose" and keypoints is None:
@@ -241,6 +275,14 @@ def generate_long_video(
     height, width = ref_image.shape[-2:]
     guidance = Guidance.from_config(diffusion_cfg)
     latent_shape = (1, ref_latents.shape[1], num_latent, *ref_latents.shape[-2:])
+    decodes = parallel is None or parallel.is_main
+    draw_device = generator.device if generator is not None else "cpu"
+
+    def from_main(make: Callable[[], torch.Tensor], frames: int) -> torch.Tensor:
+        if parallel is None:
+            return make()
+        shape = (*latent_shape[:2], frames, *latent_shape[3:])
+        return parallel.from_main(make, shape, ref_latents.dtype, device)
 
     pieces: list[torch.Tensor] = []
     video = None
@@ -255,7 +297,9 @@ def generate_long_video(
             ).to(device)
         motion = None
         if index > 0:
-            motion = encoders.encode_video(video[:, :, -motion_frames:])
+            motion = from_main(
+                lambda last=video: encoders.encode_video(last[:, :, -motion_frames:]), num_motion
+            )
         model_fn = denoiser_model_fn(
             denoiser,
             text,
@@ -266,17 +310,24 @@ def generate_long_video(
             active,
             num_motion_latents=0 if motion is None else num_motion,
         )
-        draw_device = generator.device if generator is not None else "cpu"
-        noise = torch.randn(latent_shape, generator=generator, device=draw_device).to(device)
+        noise = from_main(
+            lambda: torch.randn(latent_shape, generator=generator, device=draw_device).to(
+                device, ref_latents.dtype
+            ),
+            num_latent,
+        )
         latents = euler_sample(
             model_fn,
-            noise.to(ref_latents.dtype),
+            noise,
             diffusion_cfg.sampling_steps,
             diffusion_cfg.shift,
             guidance,
             motion_latents=motion,
+            velocity=None if parallel is None else parallel.velocity,
         )
+        if not decodes:
+            continue
         segment = encoders.decode_video(latents).clamp(-1, 1)
         pieces.append(segment if index == 0 else segment[:, :, motion_frames:])
         video = torch.cat(pieces, dim=2)
-    return video[:, :, :total_frames]
+    return video[:, :, :total_frames] if decodes else None

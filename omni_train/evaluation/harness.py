@@ -26,6 +26,7 @@ import torch
 
 from omni_train.config import TrainConfig
 from omni_train.contracts import TASK_CONDITIONS
+from omni_train.diffusion.cfg_parallel import CFGParallel, cfg_parallel_from_env, rank_device
 from omni_train.diffusion.sampler import generate_long_video, segment_starts
 from omni_train.evaluation.baselines import CANDIDATES, DESCRIPTIONS, candidate_videos
 from omni_train.evaluation.clips import HeldOutClip, SkippedClip, held_out_clips, to_uint8
@@ -134,8 +135,11 @@ def clip_seed(seed: int, key: str) -> int:
     ) % (2**63)
 
 
-def generate_clip(run, cfg: EvaluateConfig, clip: HeldOutClip, diffusion) -> np.ndarray:
-    """(G, H, W, 3) uint8: the model's self-reenactment of ``clip``."""
+def generate_clip(
+    run, cfg: EvaluateConfig, clip: HeldOutClip, diffusion, parallel: CFGParallel | None = None
+) -> np.ndarray | None:
+    """(G, H, W, 3) uint8: the model's self-reenactment of ``clip`` (None on the ranks after
+    the first of ``parallel``, which only help generate it)."""
     from omni_train.media import AUDIO_RATE
 
     data = run.cfg.data
@@ -159,16 +163,26 @@ def generate_clip(run, cfg: EvaluateConfig, clip: HeldOutClip, diffusion) -> np.
         task=cfg.task,
         keypoints=clip.keypoints,
         pose_sigma=data.pose_sigma,
+        parallel=parallel,
     )
-    return to_uint8(video[0])
+    return None if video is None else to_uint8(video[0])
 
 
 def _values_json(values: dict[str, MetricValue]) -> dict[str, dict]:
     return {key: value.to_json() for key, value in values.items()}
 
 
-def evaluate(cfg: EvaluateConfig) -> Path:
-    """Run the evaluation; returns the path of eval.json."""
+def evaluate(cfg: EvaluateConfig) -> Path | None:
+    """Run the evaluation; returns the path of eval.json.
+
+    Under torchrun (2 or 3 ranks) the guidance passes of each denoising step run on different
+    ranks; rank 0 scores and writes everything, the others return None."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with cfg_parallel_from_env(device) as parallel:
+        return _evaluate(cfg, device if parallel is None else rank_device(device), parallel)
+
+
+def _evaluate(cfg: EvaluateConfig, device: str, parallel: CFGParallel | None) -> Path | None:
     from dataclasses import replace
 
     from omni_train.runs import load_run
@@ -179,13 +193,13 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     clips = usable_clips(cfg, target.run_cfg, skipped)
     # The first usable clip is found (or every skip reported) before any weights are loaded.
     first = next(clips)
-    clip_metrics = load_metrics(cfg.metrics, "clip")
-    set_metrics = load_metrics(cfg.metrics, "set")
+    scores = parallel is None or parallel.is_main
+    clip_metrics = load_metrics(cfg.metrics, "clip") if scores else []
+    set_metrics = load_metrics(cfg.metrics, "set") if scores else []
     timings = Timings()
 
     load_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(
         target.checkpoint,
         device=device,
@@ -197,6 +211,11 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     if cfg.sampling_steps > 0:
         diffusion = replace(diffusion, sampling_steps=cfg.sampling_steps)
     data = run.cfg.data
+    if not scores:
+        for clip in itertools.chain([first], clips):
+            with torch.no_grad():
+                generate_clip(run, cfg, clip, diffusion, parallel)
+        return None
     out = target.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -207,7 +226,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         log.info("clip %d (of at most %d): %s", index + 1, cfg.num_clips, clip.key)
         gen_start = time.perf_counter()
         with torch.no_grad():
-            generated = generate_clip(run, cfg, clip, diffusion)
+            generated = generate_clip(run, cfg, clip, diffusion, parallel)
         generation_s = time.perf_counter() - gen_start
         real = to_uint8(clip.frames)
         reference = real[cfg.reference_frame]
