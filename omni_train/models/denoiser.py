@@ -25,6 +25,7 @@ from omni_train.models.conditioning import (
 from omni_train.models.config import BACKBONE_FAMILIES, ModelConfig
 from omni_train.models.mmdit import MMDiT
 from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
+from omni_train.models.sequence_parallel import SequenceParallel, check_heads
 from omni_train.models.weights import load_strict
 
 
@@ -66,6 +67,7 @@ class OmniDenoiser(nn.Module):
         self.latent_channels = cfg.vae.latent_channels
         self.rope_axes = list(dit.rope_axes)
         self.rope_theta = dit.rope_theta
+        self.num_heads = dit.num_heads
         hidden = dit.hidden_size
         patch_area = dit.patch_size**2
 
@@ -127,8 +129,13 @@ class OmniDenoiser(nn.Module):
         pose_heatmaps: torch.Tensor | None,
         active: dict[str, torch.Tensor],
         num_motion_latents: int = 0,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
-        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise)."""
+        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise).
+
+        With ``sequence_parallel`` of size > 1 every rank of the group passes the same inputs
+        and gets the velocity of its own frames (omni_train/models/sequence_parallel.py).
+        """
         batch, _, frames, height, width = noisy.shape
         patch = self.patch_size
         if height % patch or width % patch:
@@ -159,6 +166,17 @@ class OmniDenoiser(nn.Module):
         cond = self.timestep_embed(timesteps.to(noisy.device))
         positions = video_stream_positions(frames, grid_h, grid_w).to(noisy.device)
         rope_cos, rope_sin = rope_cos_sin(positions, self.rope_axes, self.rope_theta, dtype)
+        num_frame_tokens = frame_tokens.shape[1]
+
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            check_heads(self.num_heads, sequence_parallel.size, "model.dit.num_heads")
+            shard = sequence_parallel.shard_frames(frames, grid_h * grid_w)
+            video = shard.local_rows(video, 1, num_frame_tokens)
+            rope_cos = shard.local_rows(rope_cos, 0, num_frame_tokens)
+            rope_sin = shard.local_rows(rope_sin, 0, num_frame_tokens)
+            audio = audio[:, shard.start : shard.stop]
+            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
 
         patches = self.backbone(
             text_tokens,
@@ -168,7 +186,8 @@ class OmniDenoiser(nn.Module):
             rope_cos,
             rope_sin,
             audio,
-            num_frame_tokens=frame_tokens.shape[1],
+            num_frame_tokens=num_frame_tokens,
+            frame_shard=shard,
         )
         return unpatchify(patches, frames, grid_h, grid_w, patch)
 

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from omni_train.models.attention import attention
 from omni_train.models.rope import apply_rope
+from omni_train.models.sequence_parallel import FrameShard, ulysses_attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -160,9 +161,14 @@ class MMDiTBlock(nn.Module):
         rope_sin: torch.Tensor,
         audio_tokens: torch.Tensor,
         num_frame_tokens: int,
+        frame_shard: FrameShard | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """text (B, Lt, h), video (B, Nv, h), cond (B, h), key_mask (B, 1, 1, Lt + Nv) bool;
-        the first ``num_frame_tokens`` video-stream tokens are frame tokens."""
+        the first ``num_frame_tokens`` video-stream tokens are frame tokens.
+
+        With ``frame_shard`` (sequence parallelism) the video stream holds this rank's frame
+        tokens then the reference's, rope tables and audio tokens are this rank's rows, and
+        key_mask covers the whole sequence [text; every rank's frames; reference]."""
         cond = nn.functional.silu(cond)
         text_mod, video_mod = self.text.modulate_by(cond), self.video.modulate_by(cond)
         q_t, k_t, v_t = self.text.project(text, text_mod)
@@ -171,7 +177,19 @@ class MMDiTBlock(nn.Module):
         k = torch.cat([k_t, k_v], dim=2)
         v = torch.cat([v_t, v_v], dim=2)
         q = q_v if q_t is None else torch.cat([q_t, q_v], dim=2)
-        attended = _merge_heads(attention(q, k, v, key_mask, backend=self.attention_backend))
+        if frame_shard is None:
+            attended = attention(q, k, v, key_mask, backend=self.attention_backend)
+        else:
+            attended = ulysses_attention(
+                q,
+                k,
+                v,
+                frame_shard,
+                lambda q, k, v: attention(q, k, v, key_mask, backend=self.attention_backend),
+                q_before=0 if q_t is None else k_t.shape[2],
+                kv_before=k_t.shape[2],
+            )
+        attended = _merge_heads(attended)
         num_text = attended.shape[1] - video.shape[1]
 
         video = self.video.after_attention(video, attended[:, num_text:], video_mod)
@@ -243,10 +261,12 @@ class MMDiT(nn.Module):
         rope_sin: torch.Tensor,
         audio_tokens: torch.Tensor,
         num_frame_tokens: int,
+        frame_shard: FrameShard | None = None,
     ) -> torch.Tensor:
         checkpointed = set(self.checkpointed_blocks()) if torch.is_grad_enabled() else set()
         for index, block in enumerate(self.blocks):
             args = (text, video, cond, key_mask, rope_cos, rope_sin, audio_tokens, num_frame_tokens)
+            args = args if frame_shard is None else (*args, frame_shard)
             if index in checkpointed:
                 text, video = checkpoint(block, *args, use_reentrant=False)
             else:
