@@ -12,7 +12,10 @@ cross-attention and MLP under its adaLN table, then its output layer. Around it:
 - motion frames: a zero-initialised embedding added to their tokens;
 - learned nulls for text (an empty prompt's layout: one token, then zero padding) and audio.
 So at initialisation the wrapped model computes what the base computes (tested against the
-bare diffusers model). Timesteps follow the diffusers Wan pipeline: the transformer gets
+bare diffusers model). Under sequence parallelism (``sequence_parallel``) each rank keeps its
+latent frames and the self-attention runs through ``ulysses_attention`` (the processor's
+steps, written out in ``_sharded_self_attention``); the text cross-attention, audio and MLP are
+token-local. Timesteps follow the diffusers Wan pipeline: the transformer gets
 t * 1000 (FlowMatchEulerDiscreteScheduler's timesteps) and predicts noise - x0.
 """
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omni_train.models.attention import attention
 from omni_train.models.conditioning import (
     AudioProjector,
     PoseGuider,
@@ -32,6 +36,12 @@ from omni_train.models.conditioning import (
 from omni_train.models.config import ModelConfig
 from omni_train.models.foundation_backbone import load_diffusers_transformer
 from omni_train.models.mmdit import FrameAudioCrossAttention
+from omni_train.models.sequence_parallel import (
+    FrameShard,
+    SequenceParallel,
+    check_heads,
+    ulysses_attention,
+)
 
 WAN_CLASS = "WanTransformer3DModel"
 
@@ -50,6 +60,7 @@ class WanOmniDenoiser(nn.Module):
             )
         self.text_length = cfg.text_encoder.max_length
         self.gradient_checkpointing = cfg.dit.gradient_checkpointing
+        self.attention_backend = cfg.dit.attention
         hidden = config.num_attention_heads * config.attention_head_dim
         heads = config.num_attention_heads
 
@@ -97,8 +108,10 @@ class WanOmniDenoiser(nn.Module):
         pose_heatmaps: torch.Tensor | None,
         active: dict[str, torch.Tensor],
         num_motion_latents: int = 0,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
-        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise)."""
+        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise); with
+        ``sequence_parallel`` of size > 1, of this rank's frames (as OmniDenoiser)."""
         base = self.base
         batch, _, frames, height, width = noisy.shape
         _, patch_h, patch_w = self.patch_size
@@ -136,8 +149,20 @@ class WanOmniDenoiser(nn.Module):
             self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
         )
 
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            heads = base.config.num_attention_heads
+            check_heads(heads, sequence_parallel.size, "the Wan backbone's num_attention_heads")
+            shard = sequence_parallel.shard_frames(frames, per_frame)
+            hidden = shard.local_rows(hidden, 1, num_frame_tokens)
+            rope = tuple(shard.local_rows(table, 1, num_frame_tokens) for table in rope)
+            audio = audio[:, shard.start : shard.stop]
+            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
+
         for block, audio_attn in zip(base.blocks, self.audio_attn, strict=True):
             args = (hidden, context, timestep_proj, rope, self_mask, audio, num_frame_tokens)
+            if shard is not None:
+                args = (*args, shard, self.attention_backend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden = checkpoint(_block, block, audio_attn, *args, use_reentrant=False)
             else:
@@ -212,6 +237,8 @@ def _block(
     self_mask: torch.Tensor | None,
     audio: torch.Tensor,
     num_frame_tokens: int,
+    frame_shard: FrameShard | None = None,
+    attention_backend: str = "auto",
 ) -> torch.Tensor:
     """diffusers' WanTransformerBlock.forward (its (B, 6, D) timestep path), with the key mask
     in self-attention and the frame-local audio cross-attention after the text one."""
@@ -219,7 +246,12 @@ def _block(
         block.scale_shift_table + timestep_proj.float()
     ).chunk(6, dim=1)
     normed = (block.norm1(hidden.float()) * (1 + scale_msa) + shift_msa).type_as(hidden)
-    attended = block.attn1(normed, None, self_mask, rope)
+    if frame_shard is None:
+        attended = block.attn1(normed, None, self_mask, rope)
+    else:
+        attended = _sharded_self_attention(
+            block.attn1, normed, self_mask, rope, frame_shard, attention_backend
+        )
     hidden = (hidden.float() + attended * gate_msa).type_as(hidden)
 
     normed = block.norm2(hidden.float()).type_as(hidden)
@@ -230,3 +262,41 @@ def _block(
     normed = (block.norm3(hidden.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(hidden)
     mlp_out = block.ffn(normed)
     return (hidden.float() + mlp_out.float() * c_gate_msa).type_as(hidden)
+
+
+def _sharded_self_attention(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    shard: FrameShard,
+    backend: str,
+) -> torch.Tensor:
+    """diffusers' WanAttnProcessor (self-attention, no image context) with the attention over
+    the whole sequence gathered from this rank's frames (``ulysses_attention``)."""
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+    query, key = _wan_rotary(query, *rope), _wan_rotary(key, *rope)
+    out = ulysses_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        shard,
+        lambda q, k, v: attention(q, k, v, key_mask, backend=backend),
+    )
+    out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """WanAttnProcessor's rotary embedding of (B, N, heads, d) by its (1, N, 1, d) tables."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)

@@ -20,6 +20,17 @@ needs_diffusers = pytest.mark.skipif(
 )
 
 
+def _import_before_forking(*modules: str) -> None:
+    """Pay slow first imports once in the parent rather than in every forked rank: the frozen
+    encoders' transformers, a diffusers model class (imported lazily), torch._dynamo (which
+    torch.utils.checkpoint imports on first use)."""
+    for name in modules:
+        module_name, _, attribute = name.partition(":")
+        module = importlib.import_module(module_name)
+        if attribute:
+            getattr(module, attribute)
+
+
 def _init_group() -> SequenceParallel:
     import torch.distributed as dist
 
@@ -198,6 +209,7 @@ def _assert_equal_to_unsharded(results: list[dict]) -> None:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_own_mmdit_sp2_equals_sp1_on_random_inputs(checkpointing):
+    _import_before_forking(*(["torch._dynamo"] if checkpointing else []))
     _assert_equal_to_unsharded(run_ranks(_own_mmdit_random_in_rank, 2, checkpointing))
 
 
@@ -241,4 +253,74 @@ def _own_mmdit_real_batch_in_rank() -> dict[str, object]:
 
 
 def test_own_mmdit_sp2_equals_sp1_on_a_real_batch_with_motion_frames():
+    _import_before_forking("omni_train.models.encoders", "omni_train.trainer.step")
     _assert_equal_to_unsharded(run_ranks(_own_mmdit_real_batch_in_rank, 2))
+
+
+# Diffusers backbones ----------------------------------------------------------------------
+
+TINY_WAN = {  # as in test_wan_denoiser.py
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "rope_max_seq_len": 64,
+}
+
+
+def _backbone_inputs(cfg: ModelConfig, frames: int, height: int, width: int, on: dict) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    channels, pixel_frames = cfg.vae.latent_channels, 1 + 4 * (frames - 1)
+    text_mask = torch.ones(2, 5, dtype=torch.bool)
+    text_mask[1, 3:] = False
+    return {
+        "x0": torch.randn(2, channels, frames, height, width, generator=gen),
+        "noise": torch.randn(2, channels, frames, height, width, generator=gen),
+        "t": torch.rand(2, generator=gen),
+        "cond": {
+            "text": torch.randn(2, 5, cfg.text_encoder.d_model, generator=gen)
+            * text_mask[..., None],
+            "text_mask": text_mask,
+            "ref_latents": torch.randn(2, channels, 1, height, width, generator=gen),
+            "audio_features": torch.randn(
+                2, pixel_frames, cfg.audio_encoder.feature_dim, generator=gen
+            ),
+            "pose_heatmaps": torch.rand(2, 17, pixel_frames, height * 8, width * 8, generator=gen),
+            "active": {c: torch.tensor(on[c], dtype=torch.bool) for c in CONDITIONS},
+        },
+    }
+
+
+def _wan_in_rank(on: dict, num_motion_latents: int, checkpointing: bool) -> dict[str, object]:
+    from omni_train.models.denoiser import build_denoiser
+    from omni_train.testing import pretrained_like
+
+    sp = _init_group()
+    cfg = ModelConfig()
+    cfg.backbone.family = "wan"
+    cfg.backbone.diffusers_config = dict(TINY_WAN)
+    cfg.vae.latent_channels = 4
+    cfg.dit.gradient_checkpointing = checkpointing
+    torch.manual_seed(0)
+    model = pretrained_like(build_denoiser(cfg))
+    x = _backbone_inputs(cfg, frames=3, height=4, width=6, on=on)
+    return _compare(model, x["x0"], x["noise"], x["t"], num_motion_latents, x["cond"], sp)
+
+
+ALL_ON = {c: [True, True] for c in CONDITIONS}
+MIXED = {"text": [True, False], "ref": [False, True], "audio": [True, False], "pose": [False, True]}
+
+
+@needs_diffusers
+@pytest.mark.parametrize(
+    ("on", "num_motion_latents", "checkpointing"),
+    [(ALL_ON, 1, False), (MIXED, 0, True)],
+    ids=["all-conditions-motion-frames", "mixed-conditions-checkpointed"],
+)
+def test_wan_sp2_equals_sp1(on, num_motion_latents, checkpointing):
+    _import_before_forking("diffusers:WanTransformer3DModel", "torch._dynamo")
+    _assert_equal_to_unsharded(run_ranks(_wan_in_rank, 2, on, num_motion_latents, checkpointing))
