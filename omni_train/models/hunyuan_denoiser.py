@@ -20,16 +20,23 @@ over the joint sequence [latent tokens; text tokens], then its output layer. Aro
   embedding, added to the frame tokens; pose off = zero features;
 - motion frames: a zero-initialised embedding added to their tokens.
 So at initialisation the wrapped model computes what the base computes (tested against the
-bare diffusers model). Timesteps follow the diffusers pipeline: the transformer gets t * 1000
+bare diffusers model). Under sequence parallelism (``sequence_parallel``) each rank keeps its
+latent frames; while a block runs, its attention processor is swapped for
+``_UlyssesAttnProcessor`` (the base processor's steps with ``ulysses_attention``), inside the
+checkpointed function so a recompute swaps it again. Timesteps follow the diffusers pipeline: the transformer gets t * 1000
 (FlowMatchEulerDiscreteScheduler's timesteps, 1 = noise) and predicts noise - x0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omni_train.models.attention import attention
 from omni_train.models.conditioning import (
     AudioProjector,
     PoseGuider,
@@ -40,6 +47,12 @@ from omni_train.models.conditioning import (
 from omni_train.models.config import ModelConfig
 from omni_train.models.foundation_backbone import load_diffusers_transformer
 from omni_train.models.mmdit import FrameAudioCrossAttention
+from omni_train.models.sequence_parallel import (
+    FrameShard,
+    SequenceParallel,
+    check_heads,
+    ulysses_attention,
+)
 
 HUNYUAN_CLASS = "HunyuanVideoTransformer3DModel"
 
@@ -60,6 +73,7 @@ class HunyuanOmniDenoiser(nn.Module):
         check_base_matches(config, cfg)
         self.patch_size = config.patch_size
         self.gradient_checkpointing = cfg.dit.gradient_checkpointing
+        self.attention_backend = cfg.dit.attention
         self.guidance_embeds = bool(config.guidance_embeds)
         self.embedded_guidance = cfg.backbone.embedded_guidance
         hidden = config.num_attention_heads * config.attention_head_dim
@@ -105,8 +119,10 @@ class HunyuanOmniDenoiser(nn.Module):
         pose_heatmaps: torch.Tensor | None,
         active: dict[str, torch.Tensor],
         num_motion_latents: int = 0,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
-        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise)."""
+        """Velocity (B, C, L, h, w) for noisy latents at ``timesteps`` (1 = pure noise); with
+        ``sequence_parallel`` of size > 1, of this rank's frames (as OmniDenoiser)."""
         base = self.base
         batch, channels, frames, height, width = noisy.shape
         patch = self.patch_size
@@ -164,9 +180,23 @@ class HunyuanOmniDenoiser(nn.Module):
             self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
         )
 
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            heads = base.config.num_attention_heads
+            check_heads(
+                heads, sequence_parallel.size, "the HunyuanVideo backbone's num_attention_heads"
+            )
+            shard = sequence_parallel.shard_frames(frames, per_frame)
+            hidden = shard.local_rows(hidden, 1, num_frame_tokens)
+            rope = tuple(shard.local_rows(table, 0, num_frame_tokens) for table in rope)
+            audio = audio[:, shard.start : shard.stop]
+            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
+
         blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
         for block, audio_attn in zip(blocks, self.audio_attn, strict=True):
             args = (hidden, context, temb, key_mask, rope, audio, num_frame_tokens)
+            if shard is not None:
+                args = (*args, shard, self.attention_backend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden, context = checkpoint(_block, block, audio_attn, *args, use_reentrant=False)
             else:
@@ -242,9 +272,91 @@ def _block(
     rope: tuple[torch.Tensor, torch.Tensor],
     audio: torch.Tensor,
     num_frame_tokens: int,
+    frame_shard: FrameShard | None = None,
+    attention_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One base block as it is, then frame j's tokens (not the reference's) attend to frame j's
-    audio."""
-    hidden, context = block(hidden, context, temb, key_mask, rope)
+    audio. With ``frame_shard`` the block's attention runs sequence-parallel."""
+    if frame_shard is None:
+        hidden, context = block(hidden, context, temb, key_mask, rope)
+    else:
+        with _ulysses_processor(block.attn, frame_shard, attention_backend):
+            hidden, context = block(hidden, context, temb, key_mask, rope)
     frames, ref = hidden[:, :num_frame_tokens], hidden[:, num_frame_tokens:]
     return torch.cat([frames + audio_attn(frames, audio), ref], dim=1), context
+
+
+@contextmanager
+def _ulysses_processor(attn: nn.Module, shard: FrameShard, backend: str) -> Iterator[None]:
+    original = attn.processor
+    attn.processor = _UlyssesAttnProcessor(shard, backend)
+    try:
+        yield
+    finally:
+        attn.processor = original
+
+
+class _UlyssesAttnProcessor:
+    """diffusers' HunyuanVideoAttnProcessor2_0 over [this rank's latent tokens (its frames, then
+    the reference); text], attending to the whole sequence through ``ulysses_attention``."""
+
+    def __init__(self, shard: FrameShard, backend: str) -> None:
+        self.shard = shard
+        self.backend = backend
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        num_latent = hidden_states.shape[1]
+        dual_stream = attn.add_q_proj is not None
+        if not dual_stream:  # a single-stream block projects text with the same weights
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (
+            proj(hidden_states).unflatten(2, (attn.heads, -1))
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = _norm(attn.norm_q, query), _norm(attn.norm_k, key)
+        query, key = (
+            torch.cat(
+                [
+                    apply_rotary_emb(x[:, :num_latent], image_rotary_emb, sequence_dim=1),
+                    x[:, num_latent:],
+                ],
+                dim=1,
+            )
+            for x in (query, key)
+        )
+        if dual_stream:
+            text_q, text_k, text_v = (
+                proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            query = torch.cat([query, _norm(attn.norm_added_q, text_q)], dim=1)
+            key = torch.cat([key, _norm(attn.norm_added_k, text_k)], dim=1)
+            value = torch.cat([value, text_v], dim=1)
+
+        out = ulysses_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            self.shard,
+            lambda q, k, v: attention(q, k, v, attention_mask, backend=self.backend),
+        )
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        latent, text = out[:, :num_latent], out[:, num_latent:]
+        if getattr(attn, "to_out", None) is not None:
+            latent = attn.to_out[1](attn.to_out[0](latent))
+        if getattr(attn, "to_add_out", None) is not None:
+            text = attn.to_add_out(text)
+        return latent, text
+
+
+def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)

@@ -324,3 +324,43 @@ MIXED = {"text": [True, False], "ref": [False, True], "audio": [True, False], "p
 def test_wan_sp2_equals_sp1(on, num_motion_latents, checkpointing):
     _import_before_forking("diffusers:WanTransformer3DModel", "torch._dynamo")
     _assert_equal_to_unsharded(run_ranks(_wan_in_rank, 2, on, num_motion_latents, checkpointing))
+
+
+TINY_HUNYUAN = {  # hunyuan_video_tiny's transformer
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "num_refiner_layers": 1,
+    "text_embed_dim": 32,
+    "pooled_projection_dim": 8,
+    "rope_axes_dim": [4, 6, 6],
+}
+
+
+def _hunyuan_in_rank(on: dict, num_motion_latents: int, checkpointing: bool) -> dict:
+    from omni_train.models.denoiser import build_denoiser
+    from omni_train.testing import pretrained_like
+
+    sp = _init_group()
+    cfg = ModelConfig()
+    cfg.backbone.family = "hunyuan_video"
+    cfg.backbone.diffusers_config = dict(TINY_HUNYUAN)
+    cfg.vae.latent_channels = 16
+    cfg.dit.gradient_checkpointing = checkpointing
+    torch.manual_seed(0)
+    model = pretrained_like(build_denoiser(cfg))
+    x = _backbone_inputs(cfg, frames=3, height=4, width=4, on=on)
+    return _compare(model, x["x0"], x["noise"], x["t"], num_motion_latents, x["cond"], sp)
+
+
+@needs_diffusers
+@pytest.mark.parametrize(
+    ("on", "num_motion_latents", "checkpointing"),
+    [(ALL_ON, 1, False), (MIXED, 0, True)],
+    ids=["all-conditions-motion-frames", "mixed-conditions-checkpointed"],
+)
+def test_hunyuan_video_sp2_equals_sp1(on, num_motion_latents, checkpointing):
+    _import_before_forking("diffusers:HunyuanVideoTransformer3DModel", "torch._dynamo")
+    results = run_ranks(_hunyuan_in_rank, 2, on, num_motion_latents, checkpointing)
+    _assert_equal_to_unsharded(results)
