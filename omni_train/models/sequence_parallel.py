@@ -264,13 +264,10 @@ def ulysses_attention(
         return x.split([before, shard.num_tokens, rest], dim=2)
 
     q_parts, k_parts, v_parts = split(q, q_before), split(k, kv_before), split(v, kv_before)
-    if q_before == kv_before:
-        q_frames, k_frames, v_frames = tokens_to_heads(
-            torch.stack([q_parts[1], k_parts[1], v_parts[1]]), shard
-        ).unbind(0)
-    else:
-        q_frames = tokens_to_heads(q_parts[1], shard)
-        k_frames, v_frames = tokens_to_heads(torch.stack([k_parts[1], v_parts[1]]), shard).unbind(0)
+    # The frame parts have the same shape whatever the layouts: one exchange for all three.
+    q_frames, k_frames, v_frames = tokens_to_heads(
+        torch.stack([q_parts[1], k_parts[1], v_parts[1]]), shard
+    ).unbind(0)
 
     def gathered(parts: tuple[torch.Tensor, ...], frames: torch.Tensor) -> torch.Tensor:
         return torch.cat([parts[0][:, own], frames, parts[2][:, own]], dim=2)

@@ -109,6 +109,38 @@ def test_all_to_all_is_a_permutation_with_the_inverse_as_backward(frames):
         assert result["sum_grad"] == 6.0  # seed 3 x group size 2 (the group averages)
 
 
+def _groups_in_rank() -> tuple[dict[str, object], str]:
+    import torch.distributed as dist
+
+    from omni_train.models.sequence_parallel import sequence_parallel_groups
+
+    dist.init_process_group("gloo")
+    pair, single = sequence_parallel_groups(2), sequence_parallel_groups(1)
+    try:
+        sequence_parallel_groups(3)
+        error = ""
+    except ValueError as refused:
+        error = str(refused)
+    found = {
+        name: (sp.rank, sp.size, dist.get_process_group_ranks(sp.group))
+        for name, sp in (("pair", pair), ("single", single))
+    }
+    dist.destroy_process_group()
+    return found, error
+
+
+def test_sp_groups_are_consecutive_ranks_dividing_the_world():
+    results = run_ranks(_groups_in_rank, 2)
+    assert [found for found, _ in results] == [  # (SP rank, size, the group's global ranks)
+        {"pair": (0, 2, [0, 1]), "single": (0, 1, [0])},
+        {"pair": (1, 2, [0, 1]), "single": (0, 1, [1])},
+    ]
+    assert results[0][1] == (
+        "trainer.sequence_parallel=3 must be >= 1 and divide the world size 2 "
+        "(world = data-parallel size x sequence_parallel)"
+    )
+
+
 def test_frames_split_into_whole_runs_the_first_ranks_taking_the_remainder():
     shards = [SequenceParallel(None, r, 3).shard_frames(8, tokens_per_frame=4) for r in range(3)]
     assert [(s.start, s.stop) for s in shards] == [(0, 3), (3, 6), (6, 8)]
