@@ -24,6 +24,12 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
         cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    sequence_parallel = cfg.trainer.sequence_parallel
+    if world_size % sequence_parallel:
+        raise ConfigError(
+            f"trainer.sequence_parallel={sequence_parallel} must divide the world size "
+            f"{world_size} (world size = data-parallel size x trainer.sequence_parallel)"
+        )
     patch = cfg.model.dit.patch_size
     for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
         if size % (SPATIAL_STRIDE * patch):

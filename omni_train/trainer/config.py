@@ -145,6 +145,9 @@ class TrainerConfig:
     offload_nvme_path: str = ""
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # Ulysses sequence parallelism: groups of this many consecutive ranks share each sample
+    # and split its latent frames (world size = data-parallel size x sequence_parallel).
+    sequence_parallel: int = 1
     # "fp32" or "bf16"; "auto" = bf16 on CUDA, fp32 on CPU (bf16 matmul is far slower there).
     precision: str = "fp32"
     # Storage dtype of the frozen VAE, text and audio encoders on each device: "auto" = the
@@ -190,6 +193,11 @@ class TrainerConfig:
         """Checks of this config's own fields (ValueError naming the key and the fix)."""
         if self.save_every <= 0 or self.max_steps <= 0:
             raise ValueError("trainer.max_steps and trainer.save_every must be positive")
+        if self.sequence_parallel < 1:
+            raise ValueError(
+                f"trainer.sequence_parallel={self.sequence_parallel}: use 1 (off) or the ranks "
+                "that share one sample"
+            )
         self._validate_finetune()
         if self.frozen_dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(

@@ -17,7 +17,8 @@ from omni_train.contracts import CONDITIONS, SPATIAL_STRIDE, pixel_frames
 from omni_train.data.batch import Batch
 from omni_train.data.pose import keypoint_heatmaps
 from omni_train.diffusion.config import DiffusionConfig
-from omni_train.diffusion.flow import flow_matching_loss, sample_timesteps
+from omni_train.diffusion.flow import sample_timesteps
+from omni_train.models.sequence_parallel import SequenceParallel, sharded_flow_matching_loss
 
 # A sample's task is named after its strongest active condition (paper §3.3 order).
 TASKS: tuple[str, ...] = ("uncond", *CONDITIONS)
@@ -242,11 +243,14 @@ def compute_loss(
     generator: torch.Generator,
     device: torch.device,
     pose_sigma: float = 2.0,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> StepResult:
     """Flow-matching loss of one micro-batch with the curriculum's per-sample masks applied.
 
     Conditions that are off for a sample reach the model as its learned nulls (the model
-    decides how); conditions off for the whole batch are not encoded.
+    decides how); conditions off for the whole batch are not encoded. Under
+    ``sequence_parallel`` every rank of the group passes the same batch, masks and generator
+    seed; the model runs on this rank's frames and the per-sample loss is the whole clip's.
     """
     active = {c: torch.as_tensor(np.asarray(masks[c]), device=device) for c in CONDITIONS}
     # A clip without an audio track cannot train audio, whatever its tag says.
@@ -264,8 +268,15 @@ def compute_loss(
     batch_size = x0.shape[0]
     t = sample_timesteps(diffusion_cfg, batch_size, generator, device)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    per_sample = flow_matching_loss(
-        model, x0, noise, t, num_motion_latents, active=active, **inputs.conditions()
+    per_sample = sharded_flow_matching_loss(
+        model,
+        x0,
+        noise,
+        t,
+        num_motion_latents,
+        sequence_parallel=sequence_parallel,
+        active=active,
+        **inputs.conditions(),
     )
     flags = {c: active[c].cpu().numpy() for c in CONDITIONS}
     tasks = [task_of({c: bool(flags[c][i]) for c in CONDITIONS}) for i in range(batch_size)]

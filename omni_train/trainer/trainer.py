@@ -22,10 +22,16 @@ from omni_train.data.elastic import elastic_loader_state
 from omni_train.data.stream import ResumableLoader, build_loader
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.encoders import build_frozen_encoders
+from omni_train.models.sequence_parallel import SequenceParallel, sequence_parallel_groups
 from omni_train.models.weights import save_safetensors
 from omni_train.trainer import checkpoint as ckpt
 from omni_train.trainer import throughput
-from omni_train.trainer.checkpoint_manager import CheckpointManager, LoaderPosition
+from omni_train.trainer.checkpoint_manager import (
+    LOADER,
+    CheckpointManager,
+    LoaderPosition,
+    rank_file,
+)
 from omni_train.trainer.config import VAL_TASKS
 from omni_train.trainer.deepspeed_internals import discard_accumulated_gradients
 from omni_train.trainer.ds_config import frozen_dtype
@@ -82,6 +88,7 @@ class Trainer:
         with self.signals.restored_on_error():
             self.dist, self.run_dir, self.plan = start.dist, start.run_dir, start.plan
             self.device = self.dist.device
+            self._build_sequence_parallel()
             self._build_engine(start.ds_cfg)
             self._build_run_state(start)
             if self.plan is not None:
@@ -95,6 +102,18 @@ class Trainer:
         return self.state.step
 
     # ----------------------------------------------------------------------------- build
+    def _build_sequence_parallel(self) -> None:
+        """Groups of trainer.sequence_parallel consecutive ranks share each sample: the data,
+        noise, timesteps and condition masks follow the data-parallel rank (rank // size), so
+        they agree within a group. DeepSpeed still averages gradients over every rank, which
+        is right for the sharded loss (omni_train/models/README.md)."""
+        size = self.cfg.trainer.sequence_parallel
+        self.sp: SequenceParallel | None = sequence_parallel_groups(size) if size > 1 else None
+        self.dp_rank = self.dist.rank // size
+        self.dp_world = self.dist.world_size // size
+        # Metrics count each sample once: only the first rank of a group adds its sums.
+        self.counts_samples = self.sp is None or self.sp.rank == 0
+
     def _build_engine(self, ds_cfg: dict[str, Any]) -> None:
         """The frozen encoders and the denoiser in its DeepSpeed engine, with the optimizer
         and lr schedule."""
@@ -164,8 +183,8 @@ class Trainer:
         cfg = self.cfg
         return build_loader(
             cfg.data,
-            self.dist.rank,
-            self.dist.world_size,
+            self.dp_rank,
+            self.dp_world,
             self.state.data_seed,
             position,
             curriculum=cfg.curriculum,
@@ -225,7 +244,12 @@ class Trainer:
                 plan.saved_world_size,
                 world_size,
             )
-        if self.checkpoints.load(plan):
+        # Same world size but another trainer.sequence_parallel: another data-parallel layout.
+        if (
+            self.checkpoints.load(plan)
+            or read_json(plan.checkpoint / rank_file(LOADER, self.dist.rank))["world_size"]
+            != self.dp_world
+        ):
             self._redeal_data(plan)
 
     def _redeal_data(self, plan: ResumePlan) -> None:
@@ -233,10 +257,10 @@ class Trainer:
         that cannot be re-dealt stop the run (samples would be skipped or repeated) unless
         trainer.allow_new_data_order accepts a new, reproducible order."""
         saved = [read_json(p) for p in sorted(plan.checkpoint.glob("loader_rank*.json"))]
+        # The ranks of a sequence-parallel group saved the same state: keep one per dp rank.
+        saved = list({state["rank"]: state for state in saved}.values())
         try:
-            position = elastic_loader_state(
-                saved, self.dist.rank, self.dist.world_size, self.cfg.data
-            )
+            position = elastic_loader_state(saved, self.dp_rank, self.dp_world, self.cfg.data)
         except ValueError as err:
             if not self.cfg.trainer.allow_new_data_order:
                 raise DataOrderError(
@@ -366,7 +390,7 @@ class Trainer:
             masks = condition_masks(cfg.curriculum, step_index, batch.keys, batch.quality, cfg.seed)
             self.curriculum_meter.add(step_index, masks, batch.quality, batch.has_audio)
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(step_seed(cfg.seed, step_index, self.dist.rank, micro))
+            generator.manual_seed(step_seed(cfg.seed, step_index, self.dp_rank, micro))
             result = compute_loss(
                 self.engine,
                 self.encoders,
@@ -377,6 +401,7 @@ class Trainer:
                 generator,
                 self.device,
                 cfg.data.pose_sigma,
+                sequence_parallel=self.sp,
             )
             result.corrupt_skipped = self.loader.corrupt_skipped  # this rank's count so far
             bad, stop = self._agree(not bool(torch.isfinite(result.loss)), flag.raised)
@@ -410,6 +435,8 @@ class Trainer:
             finetune.lora_rank,
         )
         vector = result.totals(flops=work).to_tensor(self.device)
+        if not self.counts_samples:
+            vector.zero_()
         dist.all_reduce(vector)
         totals = StepTotals.from_tensor(vector)
         peaks = throughput.peak_memory_gb(self.device)
@@ -419,6 +446,8 @@ class Trainer:
         counts = torch.tensor(
             self.curriculum_meter.vector(), dtype=torch.float64, device=self.device
         )
+        if not self.counts_samples:
+            counts.zero_()
         dist.all_reduce(counts)
         row.update(self.curriculum_meter.flush(self.global_step - 1, counts.tolist()))
         grad_norm = self.engine.get_global_grad_norm() if finite else None

@@ -1,0 +1,128 @@
+"""trainer.sequence_parallel: groups of ranks share each sample and split its latent frames.
+
+Two ranks with trainer.sequence_parallel=2 (one data-parallel replica) must train exactly as
+one rank without it on the same data: same batches, noise, timesteps and condition masks
+(they follow the data-parallel rank), the whole clip's loss, samples counted once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.testing import build_sample_shards
+from omni_train.contracts import CONDITIONS
+from omni_train.testing import SIX_STEP_STAGES, metric_rows, run_ranks, train_in_rank
+from omni_train.trainer import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+MAX_STEPS = 6
+SP2 = "trainer.sequence_parallel=2"
+
+
+def overrides(run_dir: Path, shards: str, *extra: str) -> list[str]:
+    return [
+        "experiment=smoke",
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.save_every=2",
+        "trainer.progress_bar=false",
+        "logger.wandb.enabled=false",
+        *SIX_STEP_STAGES,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    data = build_sample_shards(tmp_path_factory.mktemp("corpus"), num_clips=4, seed=0)
+    return str(data / "shards" / "*.tar")
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory, shards) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("sp1")
+    assert run_ranks(train_in_rank, 1, overrides(run_dir, shards)) == [MAX_STEPS]
+    return metric_rows(run_dir)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, shards) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("sp2")
+    assert run_ranks(train_in_rank, 2, overrides(run_dir, shards, SP2)) == [MAX_STEPS] * 2
+    return metric_rows(run_dir)
+
+
+COUNTED = ["batch_size", *(f"active_{c}" for c in CONDITIONS), "num_motion_latents"]
+
+
+def assert_same_training(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
+    assert [r["step"] for r in got] == list(range(1, MAX_STEPS + 1))
+    for row, expected in zip(got, want, strict=True):
+        where = f"step {row['step']}"
+        assert row["loss"] == pytest.approx(expected["loss"], rel=rel), where
+        assert {k: row[k] for k in COUNTED} == {k: expected[k] for k in COUNTED}, where
+
+
+def test_two_sequence_parallel_ranks_train_as_one_rank(sharded, unsharded):
+    # The run covers what sharding must get right: every condition and motion frames.
+    for cond in CONDITIONS:
+        assert any(row[f"active_{cond}"] > 0 for row in unsharded), cond
+    assert any(row["num_motion_latents"] > 0 for row in unsharded)
+    assert_same_training(sharded, unsharded)
+    for row, expected in zip(sharded, unsharded, strict=True):
+        # FLOPs per sample are counted once per group, spread over its two devices.
+        flops_per_sample = row["tflops_per_s"] / row["samples_per_s"]
+        assert flops_per_sample == pytest.approx(
+            expected["tflops_per_s"] / expected["samples_per_s"], rel=1e-9
+        )
+
+
+def _train_killed(run_overrides: list[str], kill_at: int) -> int:
+    import torch.distributed as dist
+
+    from omni_train.testing import compose_train_config
+    from omni_train.trainer.trainer import Trainer
+
+    cfg, resolved = compose_train_config(run_overrides)
+    trainer = Trainer(cfg, resolved)
+    train_step = trainer._train_step
+
+    def killing_step(batches, flag):
+        if trainer.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return train_step(batches, flag)
+
+    trainer._train_step = killing_step
+    trainer.run()
+    dist.destroy_process_group()
+    return trainer.global_step
+
+
+def test_kill_9_then_restart_continues_the_sequence_parallel_run(sharded, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run = overrides(run_dir, shards, SP2)
+    with pytest.raises(RuntimeError, match="exit code -9"):
+        run_ranks(_train_killed, 2, run, 3)  # after the step-2 checkpoint, during step 3's
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
+    assert run_ranks(train_in_rank, 2, run) == [MAX_STEPS] * 2
+    assert_same_training(metric_rows(run_dir), sharded)
+
+
+def test_a_world_size_that_sequence_parallel_does_not_divide_fails_before_training(shards):
+    from omni_train.testing import compose_train_config
+    from omni_train.validate import ConfigError, validate_train_config
+
+    cfg, _ = compose_train_config(overrides(Path("/unused"), shards, "trainer.sequence_parallel=2"))
+    validate_train_config(cfg, world_size=4)
+    with pytest.raises(
+        ConfigError, match=r"trainer.sequence_parallel=2 must divide the world size 3"
+    ):
+        validate_train_config(cfg, world_size=3)
+    cfg, _ = compose_train_config(overrides(Path("/unused"), shards, "trainer.sequence_parallel=0"))
+    with pytest.raises(ConfigError, match=r"trainer.sequence_parallel=0: use 1"):
+        validate_train_config(cfg, world_size=2)
