@@ -50,11 +50,34 @@ def unsharded(tmp_path_factory, shards) -> list[dict]:
     return metric_rows(run_dir)
 
 
+def train_recording_frames(run_overrides: list[str]) -> list[tuple[int, int]]:
+    """Train in this forked rank; (frames in, frames out) of each denoiser call."""
+    import torch.distributed as dist
+
+    from omni_train.testing import compose_train_config
+    from omni_train.trainer.trainer import Trainer
+
+    cfg, resolved = compose_train_config(run_overrides)
+    trainer = Trainer(cfg, resolved)
+    denoiser = trainer.engine.module
+    forward, calls = denoiser.forward, []
+
+    def recording(noisy, *args, **kwargs):
+        velocity = forward(noisy, *args, **kwargs)
+        calls.append((noisy.shape[2], velocity.shape[2]))
+        return velocity
+
+    denoiser.forward = recording
+    trainer.run()
+    dist.destroy_process_group()
+    return calls
+
+
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory, shards) -> list[dict]:
+def sharded(tmp_path_factory, shards) -> tuple[list[dict], list]:
     run_dir = tmp_path_factory.mktemp("sp2")
-    assert run_ranks(train_in_rank, 2, overrides(run_dir, shards, SP2)) == [MAX_STEPS] * 2
-    return metric_rows(run_dir)
+    calls = run_ranks(train_recording_frames, 2, overrides(run_dir, shards, SP2))
+    return metric_rows(run_dir), calls
 
 
 COUNTED = ["batch_size", *(f"active_{c}" for c in CONDITIONS), "num_motion_latents"]
@@ -69,12 +92,17 @@ def assert_same_training(got: list[dict], want: list[dict], rel: float = 1e-5) -
 
 
 def test_two_sequence_parallel_ranks_train_as_one_rank(sharded, unsharded):
+    rows, calls = sharded
+    # Each rank's denoiser call takes the whole clip and returns its half of the frames.
+    assert len(calls[0]) == len(calls[1]) == MAX_STEPS
+    for (frames, first), (same, second) in zip(*calls, strict=True):
+        assert frames == same and (first, second) == (frames - frames // 2, frames // 2)
     # The run covers what sharding must get right: every condition and motion frames.
     for cond in CONDITIONS:
         assert any(row[f"active_{cond}"] > 0 for row in unsharded), cond
     assert any(row["num_motion_latents"] > 0 for row in unsharded)
-    assert_same_training(sharded, unsharded)
-    for row, expected in zip(sharded, unsharded, strict=True):
+    assert_same_training(rows, unsharded)
+    for row, expected in zip(rows, unsharded, strict=True):
         # FLOPs per sample are counted once per group, spread over its two devices.
         flops_per_sample = row["tflops_per_s"] / row["samples_per_s"]
         assert flops_per_sample == pytest.approx(
@@ -110,7 +138,7 @@ def test_kill_9_then_restart_continues_the_sequence_parallel_run(sharded, shards
         run_ranks(_train_killed, 2, run, 3)  # after the step-2 checkpoint, during step 3's
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
     assert run_ranks(train_in_rank, 2, run) == [MAX_STEPS] * 2
-    assert_same_training(metric_rows(run_dir), sharded)
+    assert_same_training(metric_rows(run_dir), sharded[0])
 
 
 def test_a_world_size_that_sequence_parallel_does_not_divide_fails_before_training(shards):
