@@ -88,7 +88,8 @@ class CFGParallel:
                 )
         else:
             tensor = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(tensor, dist.get_global_rank(self.group, 0) if self.group else 0, self.group)
+        source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        dist.broadcast(tensor, source, self.group)
         return tensor
 
     def velocity(
