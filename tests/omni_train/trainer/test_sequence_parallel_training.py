@@ -8,6 +8,7 @@ one rank without it on the same data: same batches, noise, timesteps and conditi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def train_recording_frames(run_overrides: list[str]) -> list[tuple[int, int]]:
 def sharded(tmp_path_factory, shards) -> tuple[list[dict], list]:
     run_dir = tmp_path_factory.mktemp("sp2")
     calls = run_ranks(train_recording_frames, 2, overrides(run_dir, shards, SP2))
-    return metric_rows(run_dir), calls
+    return metric_rows(run_dir), calls, run_dir
 
 
 COUNTED = ["batch_size", *(f"active_{c}" for c in CONDITIONS), "num_motion_latents"]
@@ -92,7 +93,7 @@ def assert_same_training(got: list[dict], want: list[dict], rel: float = 1e-5) -
 
 
 def test_two_sequence_parallel_ranks_train_as_one_rank(sharded, unsharded):
-    rows, calls = sharded
+    rows, calls, _ = sharded
     # Each rank's denoiser call takes the whole clip and returns its half of the frames.
     assert len(calls[0]) == len(calls[1]) == MAX_STEPS
     for (frames, first), (same, second) in zip(*calls, strict=True):
@@ -164,3 +165,19 @@ def test_a_world_size_that_sequence_parallel_does_not_divide_fails_before_traini
     cfg, _ = compose_train_config(overrides(Path("/unused"), shards, "trainer.sequence_parallel=0"))
     with pytest.raises(ConfigError, match=r"trainer.sequence_parallel=0: use 1"):
         validate_train_config(cfg, world_size=2)
+
+
+def test_a_resume_with_another_sequence_parallel_size_deals_the_data_out_again(
+    sharded, shards, tmp_path
+):
+    # Step 2 of the 2-rank N=2 run (one data-parallel replica) resumed by 2 ranks with N=1:
+    # the same world size, but two replicas now continue the one saved data position.
+    rows, _, sp2_dir = sharded
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    step_2 = sp2_dir / "checkpoints" / "step_00000002"
+    shutil.copytree(step_2, run_dir / "checkpoints" / step_2.name)
+    run = overrides(run_dir, shards, "trainer.sequence_parallel=1", steps=3)
+    assert run_ranks(train_in_rank, 2, run) == [3] * 2
+    (resumed,) = metric_rows(run_dir)
+    assert (resumed["step"], resumed["batch_size"]) == (3, 2 * rows[2]["batch_size"])
