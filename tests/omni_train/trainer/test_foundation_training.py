@@ -1,13 +1,13 @@
 """Foundation backbones end to end, each family on its own VAE family's latents: all three
-curriculum stages on 2 ranks, a kill -9 and a restart that continues with the losses of an
-uninterrupted run, then sampling and evaluation through the usual entry points."""
+curriculum stages on 2 ranks with ZeRO-2 (full) and ZeRO-3 (LoRA); the LoRA run is killed
+(-9) and restarted and continues with the losses of an uninterrupted run; sampling and
+evaluation through the usual entry points."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -77,7 +77,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("experiment", "zero", "mode"), CASES)
-def test_three_stages_kill_9_resume_sample_and_evaluate(corpus, tmp_path, experiment, zero, mode):
+def test_three_stages_then_resume_sample_and_evaluate(corpus, tmp_path, experiment, zero, mode):
+    """Full fine-tuning: trained, then sampled and evaluated. LoRA: also killed and restarted,
+    its checkpoint read, and sampled from (the adapters on their base)."""
     shards = str(corpus / "shards" / "*.tar")
     reference_dir = tmp_path / "uninterrupted"
     reference = _overrides(reference_dir, shards, experiment, zero, mode)
@@ -85,6 +87,10 @@ def test_three_stages_kill_9_resume_sample_and_evaluate(corpus, tmp_path, experi
     want = metric_rows(reference_dir)
     assert [r["stage"] for r in want] == [1, 1, 2, 2, 3, 3]
     assert [r["active_pose"] > 0 for r in want] == [False] * 4 + [True] * 2
+    if mode == "full":
+        _sample(reference_dir, corpus, tmp_path)
+        _evaluate(reference_dir, shards, tmp_path)
+        return
 
     run_dir = tmp_path / "run"
     overrides = _overrides(run_dir, shards, experiment, zero, mode)
@@ -95,10 +101,8 @@ def test_three_stages_kill_9_resume_sample_and_evaluate(corpus, tmp_path, experi
     assert [r["step"] for r in got] == list(range(1, MAX_STEPS + 1))
     for row, expected in zip(got, want, strict=True):
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5), row["step"]
-
-    if mode == "lora":
-        _assert_holds_only_what_trained(run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}")
-    _sample_and_evaluate(run_dir, corpus, shards, tmp_path)
+    _assert_holds_only_what_trained(run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}")
+    _sample(run_dir, corpus, tmp_path)
 
 
 def _assert_holds_only_what_trained(step_dir: Path) -> None:
@@ -114,11 +118,8 @@ def _assert_holds_only_what_trained(step_dir: Path) -> None:
     assert "base_model" in header
 
 
-def _sample_and_evaluate(run_dir: Path, corpus: Path, shards: str, tmp_path: Path) -> None:
+def _sample(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
     from omni_train.config import SampleConfig
-    from omni_train.evaluation.config import EvaluateConfig
-    from omni_train.evaluation.harness import evaluate
-    from omni_train.evaluation.suite import MetricsConfig
     from omni_train.sample import run_sampling
 
     clips = sorted((corpus.parent / "corpus").glob("*.mp4"))
@@ -138,6 +139,12 @@ def _sample_and_evaluate(run_dir: Path, corpus: Path, shards: str, tmp_path: Pat
         assert container.streams.audio
         assert sum(1 for _ in container.decode(video=0)) == 24
 
+
+def _evaluate(run_dir: Path, shards: str, tmp_path: Path) -> None:
+    from omni_train.evaluation.config import EvaluateConfig
+    from omni_train.evaluation.harness import evaluate
+    from omni_train.evaluation.suite import MetricsConfig
+
     cfg = EvaluateConfig(
         checkpoint=str(run_dir),
         shards=shards,
@@ -149,7 +156,7 @@ def _sample_and_evaluate(run_dir: Path, corpus: Path, shards: str, tmp_path: Pat
         wandb=False,
         metrics=MetricsConfig(enabled=["fidelity"]),
     )
-    report = json.loads(evaluate(replace(cfg)).read_text())
+    report = json.loads(evaluate(cfg).read_text())
     assert report["checkpoint"]["step"] == MAX_STEPS
     [row] = report["clips"]
     assert row["frames_generated"] == 17
