@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from omni_train.contracts import is_causal_frame_count
 
 WORKER_START_METHODS: tuple[str, ...] = ("", "fork", "spawn", "forkserver")
 SPLIT_MODES: tuple[str, ...] = ("auto", "shard", "sample")
+AUTO_BUDGET = "auto"
+
+
+def parse_cost_budget(budget: str) -> float | None:
+    """data.cost_budget as training FLOPs per rank batch, or None for "auto"."""
+    text = str(budget).strip().lower()
+    if text == AUTO_BUDGET:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"data.cost_budget={budget!r}: give training FLOPs per rank batch (e.g. 2.5e12) "
+            f"or {AUTO_BUDGET!r} (the costliest bucket at its batch_size)"
+        )
+    return value
 
 
 @dataclass
@@ -70,6 +89,21 @@ class DataConfig:
     # batch_size). A clip goes to the bucket whose aspect ratio is nearest its own among
     # those whose window fits in it (the longest on a tie); a batch never mixes buckets.
     buckets: list[BucketConfig] = field(default_factory=list)
+    # Batch size per bucket from a cost budget (omni_train/data/bucket_cost.py), so steps of
+    # every bucket take a similar time: floor(cost_budget / training FLOPs of one sample of
+    # the bucket), counted from the model config (tokens x width and attention's tokens^2).
+    # The computed size replaces the bucket's batch_size (data.batch_size without buckets).
+    batch_by_cost: bool = False
+    # Training FLOPs per rank batch (e.g. "2.5e12"), or "auto": the costliest bucket's cost
+    # at its configured batch_size.
+    cost_budget: str = "auto"
+    # Upper bound on a cost-derived batch size (0: none): cheap buckets get many samples,
+    # and activation memory grows with them.
+    cost_max_batch_size: int = 0
+    # Every rank's n-th batch comes from the same bucket (a draw shared by all ranks), so
+    # ranks do equal work at every step; off, each batch is the first bucket to fill on its
+    # rank. See "Buckets in step on every rank" in omni_train/data/README.md.
+    sync_buckets: bool = False
     # Read precomputed VAE latents (latents.npy, ref_latents.npy, optional audio.npy /
     # audio_features.npy) instead of decoding mp4; batches then carry latents and
     # ref_latents in place of video and ref. See omni_train/data/latents.py.
@@ -126,6 +160,12 @@ class DataConfig:
                 )
             if bucket.batch_size < 1:
                 raise ValueError(f"data.buckets.{i}.batch_size must be at least 1")
+        if self.batch_by_cost:
+            parse_cost_budget(self.cost_budget)
+        if self.cost_max_batch_size < 0:
+            raise ValueError(
+                f"data.cost_max_batch_size={self.cost_max_batch_size} must be 0 (no cap) or more"
+            )
         if self.precomputed and self.buckets:
             raise ValueError(
                 "data.precomputed=true with data.buckets: precomputed windows keep the size "

@@ -15,18 +15,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omni_train.curriculum.config import CurriculumConfig
 from omni_train.data.batch import Batch
+from omni_train.data.bucket_cost import with_cost_batch_sizes
+from omni_train.data.bucket_sync import SyncedConsumerBatches
 from omni_train.data.config import DataConfig
 from omni_train.data.consumer import ConsumerBatches, SourceSchedule
 from omni_train.data.plan import ShardIndex, resolve_split
 from omni_train.data.shards import shard_list
 from omni_train.data.state import ConsumerPosition, LoaderState
 from omni_train.stop_signals import ignore_stop_signals
+
+if TYPE_CHECKING:
+    from omni_train.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class _RankBatches(IterableDataset):
         # The DataLoader always starts its round robin at worker 0; rotating makes its first
         # batch come from the worker an uninterrupted run would have asked next.
         worker = ((info.id if info is not None else 0) + self.rotation) % workers
-        batches = ConsumerBatches(
+        args = (
             self.cfg,
             self.sources,
             self.seed,
@@ -70,6 +75,10 @@ class _RankBatches(IterableDataset):
             replace(self.schedule, worker=worker, workers=workers),
             self.handover,
         )
+        if self.cfg.sync_buckets and len(self.cfg.bucket_list()) > 1:
+            batches = SyncedConsumerBatches(*args, worker=worker, workers=workers)
+        else:
+            batches = ConsumerBatches(*args)
         for batch, position in batches:
             yield batch, worker, position
 
@@ -178,13 +187,17 @@ def build_loader(
     state: dict | None = None,
     curriculum: CurriculumConfig | None = None,
     grad_accum: int = 1,
+    model_cfg: ModelConfig | None = None,
 ) -> ResumableLoader:
     """The loader of ``rank`` out of ``world_size``; ``state`` is a saved ``state_dict()``.
 
     ``curriculum`` and ``grad_accum`` (micro-batches per optimizer step) let the stages'
     source_weights steer a mix of data.sources; without them the sources' own weights hold.
+    ``model_cfg`` counts the buckets' costs for data.batch_by_cost (``loader.cfg`` holds the
+    batch sizes it gives).
     """
     cfg.validate()
+    cfg = with_cost_batch_sizes(cfg, model_cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if grad_accum < 1:
