@@ -189,6 +189,7 @@ class Trainer:
             position,
             curriculum=cfg.curriculum,
             grad_accum=cfg.trainer.grad_accum,
+            model_cfg=cfg.model,
         )
 
     def _build_observability(self) -> None:

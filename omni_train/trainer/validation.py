@@ -61,7 +61,9 @@ class Validator:
         else:
             from omni_train.data.stream import build_loader
 
-            loader = build_loader(replace(data, num_workers=0), 0, 1, self.cfg.seed)
+            loader = build_loader(
+                replace(data, num_workers=0), 0, 1, self.cfg.seed, model_cfg=self.cfg.model
+            )
             batch = next(iter(loader))
             count = min(vcfg.num_clips, len(batch))
             self._inputs = [
