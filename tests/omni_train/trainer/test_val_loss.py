@@ -413,12 +413,12 @@ def test_validation_sees_the_inputs_a_training_step_would_give_the_model(
     cfg, encoders, _ = prepared
     seen: list[dict] = []
 
-    def record(model, x0, noise, t, num_motion_latents, **cond):
+    def record(model, x0, noise, t, num_motion_latents, sequence_parallel=None, **cond):
         seen.append({"x0": x0[:1], **{k: v[:1] for k, v in cond.items() if k != "active"}})
         seen[-1]["active"] = {c: bool(v[0]) for c, v in cond["active"].items()}
         return torch.zeros(len(x0))
 
-    monkeypatch.setattr(step_module, "flow_matching_loss", record)
+    monkeypatch.setattr(step_module, "sharded_flow_matching_loss", record)
     monkeypatch.setattr(val_module, "flow_matching_loss", record)
     inputs_of = {"text": "text", "ref": "ref_latents", "audio": "audio_features"}
     inputs_of["pose"] = "pose_heatmaps"
