@@ -34,3 +34,12 @@ def load_diffusers_transformer(class_name: str, cfg: BackboneConfig) -> nn.Modul
 def transformer_directory(pretrained: str) -> tuple[Path, str | None]:
     """(directory, subfolder) of a diffusers transformer: its own directory, or a pipeline's."""
     return model_directory(pretrained, "transformer", "model.backbone")
+
+
+def modules_outside_base(wrapper: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of everything a wrapper adds around its ``base``: its own
+    parameters and every child but the base (the omni-condition modules)."""
+    return tuple(
+        [name for name, _ in wrapper.named_parameters(recurse=False)]
+        + [f"{name}." for name, _ in wrapper.named_children() if name != "base"]
+    )

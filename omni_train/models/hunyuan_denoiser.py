@@ -45,7 +45,7 @@ from omni_train.models.conditioning import (
     pose_features,
 )
 from omni_train.models.config import ModelConfig
-from omni_train.models.foundation_backbone import load_diffusers_transformer
+from omni_train.models.foundation_backbone import load_diffusers_transformer, modules_outside_base
 from omni_train.models.mmdit import FrameAudioCrossAttention
 from omni_train.models.sequence_parallel import (
     FrameShard,
@@ -102,10 +102,7 @@ class HunyuanOmniDenoiser(nn.Module):
         )
 
         # Everything outside the base is new to it (a trainer may give it its own lr).
-        self.new_module_prefixes: tuple[str, ...] = tuple(
-            [name for name, _ in self.named_parameters(recurse=False)]
-            + [f"{name}." for name, _ in self.named_children() if name != "base"]
-        )
+        self.new_module_prefixes = modules_outside_base(self)
         self.lora_target_modules = LORA_TARGET_MODULES
 
     def forward(

@@ -46,8 +46,13 @@ ARCHITECTURES = {
 }
 
 
-def random_t5_encoder(cfg: TextEncoderConfig) -> T5EncoderModel:
-    config = T5Config(
+def random_t5_encoder(cfg: TextEncoderConfig, umt5: bool = False) -> PreTrainedModel:
+    """A T5-family encoder (T5, or umT5 with its per-layer relative attention bias) of the
+    configured sizes over the byte-level vocabulary."""
+    config_class, model_class = (
+        (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    )
+    config = config_class(
         vocab_size=BYTE_VOCAB_SIZE,
         d_model=cfg.d_model,
         d_kv=cfg.d_kv,
@@ -57,21 +62,7 @@ def random_t5_encoder(cfg: TextEncoderConfig) -> T5EncoderModel:
         num_heads=cfg.num_heads,
         dropout_rate=0.0,
     )
-    return T5EncoderModel(config)
-
-
-def random_umt5_encoder(cfg: TextEncoderConfig) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=BYTE_VOCAB_SIZE,
-        d_model=cfg.d_model,
-        d_kv=cfg.d_kv,
-        d_ff=cfg.d_ff,
-        feed_forward_proj=cfg.feed_forward_proj,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        dropout_rate=0.0,
-    )
-    return UMT5EncoderModel(config)
+    return model_class(config)
 
 
 def random_llama_decoder(cfg: TextEncoderConfig, pad_token_id: int) -> LlamaModel:
@@ -90,7 +81,7 @@ def random_llama_decoder(cfg: TextEncoderConfig, pad_token_id: int) -> LlamaMode
 
 def random_model(cfg: TextEncoderConfig, tokenizer: ByT5Tokenizer) -> PreTrainedModel:
     if cfg.architecture == "umt5":
-        return random_umt5_encoder(cfg)
+        return random_t5_encoder(cfg, umt5=True)
     if cfg.architecture == "llama":
         return random_llama_decoder(cfg, tokenizer.pad_token_id)
     return random_t5_encoder(cfg)

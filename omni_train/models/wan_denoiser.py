@@ -34,7 +34,7 @@ from omni_train.models.conditioning import (
     pose_features,
 )
 from omni_train.models.config import ModelConfig
-from omni_train.models.foundation_backbone import load_diffusers_transformer
+from omni_train.models.foundation_backbone import load_diffusers_transformer, modules_outside_base
 from omni_train.models.mmdit import FrameAudioCrossAttention
 from omni_train.models.sequence_parallel import (
     FrameShard,
@@ -83,15 +83,8 @@ class WanOmniDenoiser(nn.Module):
         )
         self.null_text = nn.Parameter(torch.randn(config.text_dim) * 0.02)
 
-        self.new_module_prefixes: tuple[str, ...] = (
-            "pose_guider.",
-            "pose_patch_embed.",
-            "motion_embedding",
-            "audio_projector.",
-            "null_audio",
-            "audio_attn.",
-            "null_text",
-        )
+        # Everything outside the base is new to it (a trainer may give it its own lr).
+        self.new_module_prefixes = modules_outside_base(self)
         self.lora_target_modules = (
             r"base\.blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
             r"|base\.blocks\.\d+\.ffn\.net\.(0\.proj|2)"
