@@ -55,6 +55,9 @@ class SampleConfig:
     # Let the checkpoint's config.yaml name code outside omni_train / data_pipelines as a
     # _target_ (imported and called to build the model): only for run dirs you trust.
     trust_checkpoint_code: bool = False
+    # Under torchrun: ranks that split each denoiser call's latent frames (Ulysses); the
+    # guidance passes go to the WORLD_SIZE / sequence_parallel groups (CFG-parallel).
+    sequence_parallel: int = 1
 
 
 def register_configs() -> None:

@@ -14,7 +14,8 @@ omni_train.sample, a checkpoint's config.yaml may name only this project's code 
 
 Under ``torchrun --standalone --nproc_per_node 3 -m omni_train.evaluate ...`` (or 2) each
 denoising step's guidance passes run on different ranks (omni_train/diffusion/cfg_parallel.py);
-rank 0 scores the clips and writes OUT.
+rank 0 scores the clips and writes OUT. ``sequence_parallel=N`` (N, 2N or 3N ranks) makes groups
+of N ranks that also split each denoiser call's latent frames.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ the last 5 frames of the one before (motion frames, paper §3.4).
 
 runs each denoising step's guidance passes (unconditional, text, text + audio) on different
 ranks (omni_train/diffusion/cfg_parallel.py; 2 ranks split them 2 + 1); rank 0 writes OUT.
+With ``sequence_parallel=N`` (torchrun --nproc_per_node N, 2N or 3N) groups of N ranks also
+split each denoiser call's latent frames (omni_train/diffusion/sequence_parallel_sampling.py).
 
 The run is loaded by omni_train/runs.py, which accepts only this project's ``_target_``
 entries from the checkpoint's config.yaml unless ``trust_checkpoint_code=true`` is given.
@@ -48,7 +50,7 @@ def run_sampling(cfg: SampleConfig) -> Path | None:
     """Write the sample; returns its path (None on the other ranks of a torchrun launch)."""
     from omni_train.diffusion.cfg_parallel import cfg_parallel_from_env
 
-    with cfg_parallel_from_env("cpu") as parallel:
+    with cfg_parallel_from_env("cpu", cfg.sequence_parallel) as parallel:
         return _sample(cfg, parallel)
 
 

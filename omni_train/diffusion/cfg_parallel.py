@@ -9,6 +9,9 @@ combine_passes, so all ranks take the same Euler step. Segments of a long video 
 one another; rank 0's noise and motion latents are broadcast, so a generator that drifted on
 another rank changes nothing.
 
+With ``sequence_parallel=N`` the passes go to W / N slots of N ranks that split each call's
+frames (omni_train/diffusion/sequence_parallel_sampling.py).
+
 Batching differs from one process (there the three passes are one call of batch 3B), so the
 latents agree with it to matmul rounding (~1e-6), not bit for bit.
 """
@@ -26,6 +29,13 @@ import torch
 import torch.distributed as dist
 
 from omni_train.diffusion.sampler import GuidedModelFn, combine_passes, guidance_passes
+from omni_train.diffusion.sequence_parallel_sampling import (
+    SETTING,
+    check_layout,
+    gather_pass_velocities,
+    sequence_parallel_group,
+)
+from omni_train.models.sequence_parallel import SequenceParallel
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +54,53 @@ def deal_passes(num_passes: int, world_size: int) -> list[list[int]]:
     return plan
 
 
-def check_world_size(world_size: int) -> None:
-    if world_size > MAX_RANKS:
+def check_world_size(world_size: int, sequence_parallel: int = 1) -> None:
+    check_layout(world_size, sequence_parallel)
+    if world_size <= MAX_RANKS * sequence_parallel:
+        return
+    if sequence_parallel > 1:
         raise ValueError(
-            f"WORLD_SIZE={world_size}: CFG-parallel sampling deals the {MAX_RANKS} guidance "
-            f"passes (unconditional, text, text + audio) to at most {MAX_RANKS} ranks, so "
-            f"{world_size - MAX_RANKS} would only wait; launch with --nproc_per_node "
-            f"{MAX_RANKS} or fewer"
+            f"WORLD_SIZE={world_size} with {SETTING}={sequence_parallel}: CFG-parallel "
+            f"sampling deals the {MAX_RANKS} guidance passes to at most {MAX_RANKS} groups of "
+            f"{sequence_parallel} ranks, so {world_size - MAX_RANKS * sequence_parallel} would "
+            f"only wait; launch with --nproc_per_node {MAX_RANKS * sequence_parallel} or fewer"
         )
+    raise ValueError(
+        f"WORLD_SIZE={world_size}: CFG-parallel sampling deals the {MAX_RANKS} guidance "
+        f"passes (unconditional, text, text + audio) to at most {MAX_RANKS} ranks, so "
+        f"{world_size - MAX_RANKS} would only wait; launch with --nproc_per_node "
+        f"{MAX_RANKS} or fewer"
+    )
 
 
 @dataclass
 class CFGParallel:
-    """The ranks of ``group`` (the default group when None) sampling together."""
+    """The ranks of ``group`` (the default group when None) sampling together. With
+    ``sequence_parallel`` (this rank's SP group, of consecutive ranks) the passes are dealt to
+    the groups (slots) and each call returns the velocity of this rank's frames."""
 
     group: Any = None
+    sequence_parallel: SequenceParallel | None = None
     rank: int = field(init=False)
     world_size: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        check_world_size(self.world_size)
+        check_world_size(self.world_size, self.sp_size)
+
+    @property
+    def sp_size(self) -> int:
+        return 1 if self.sequence_parallel is None else self.sequence_parallel.size
+
+    @property
+    def slots(self) -> int:
+        """Groups of sp_size ranks the guidance passes are dealt to."""
+        return self.world_size // self.sp_size
+
+    @property
+    def slot(self) -> int:
+        return self.rank // self.sp_size
 
     @property
     def is_main(self) -> bool:
@@ -100,14 +135,13 @@ class CFGParallel:
         text_scale: float,
         audio_scale: float,
     ) -> torch.Tensor:
-        """guided_velocity, with this rank running only its share of the passes."""
+        """guided_velocity, with this rank running only its slot's share of the passes (of
+        its own frames under sequence parallelism: ``model_fn`` returns only those)."""
         passes = guidance_passes(text_scale, audio_scale)
-        plan = deal_passes(len(passes), self.world_size)
-        mine = plan[self.rank]
-        batch = x.shape[0]
-        # all_gather needs one shape everywhere: each rank's share, padded to the largest.
-        widest = max(len(share) for share in plan)
-        out = x.new_zeros((widest * batch, *x.shape[1:]))
+        plan = deal_passes(len(passes), self.slots)
+        mine = plan[self.slot]
+        batch, frames = x.shape[0], x.shape[2]
+        local = x.new_empty((0, x.shape[1], 0, *x.shape[3:]))  # a slot without a pass
         if mine:
             count = len(mine)
             text_on = torch.cat([torch.full((batch,), passes[i][0], device=x.device) for i in mine])
@@ -115,14 +149,16 @@ class CFGParallel:
                 [torch.full((batch,), passes[i][1], device=x.device) for i in mine]
             )
             repeats = (count, *([1] * (x.dim() - 1)))
-            out[: count * batch] = model_fn(x.repeat(repeats), t.repeat(count), text_on, audio_on)
-        gathered = [torch.empty_like(out) for _ in range(self.world_size)]
-        dist.all_gather(gathered, out, group=self.group)
-        velocities = [
-            gathered[rank][j * batch : (j + 1) * batch]
-            for rank, share in enumerate(plan)
-            for j in range(len(share))
-        ]
+            local = model_fn(x.repeat(repeats), t.repeat(count), text_on, audio_on)
+            if self.sequence_parallel is not None:
+                shard = self.sequence_parallel.shard_frames(frames, tokens_per_frame=1)
+                if local.shape[2] != shard.stop - shard.start:
+                    raise RuntimeError(
+                        f"the denoiser returned {local.shape[2]} frames under sequence "
+                        f"parallelism; SP rank {shard.sp.rank} holds frames "
+                        f"{shard.start}:{shard.stop}"
+                    )
+        velocities = gather_pass_velocities(local, plan, batch, frames, self.sp_size, self.group)
         return combine_passes(velocities, text_scale, audio_scale)
 
 
@@ -134,15 +170,17 @@ def rank_device(device: str) -> str:
 
 
 @contextmanager
-def cfg_parallel_from_env(device: str) -> Iterator[CFGParallel | None]:
+def cfg_parallel_from_env(device: str, sequence_parallel: int = 1) -> Iterator[CFGParallel | None]:
     """Under torchrun (WORLD_SIZE > 1): the ranks' CFGParallel, on a process group made here
     (nccl for a CUDA ``device``, gloo otherwise) and destroyed on exit unless one already
-    existed. A plain process (WORLD_SIZE unset or 1) gets None and no process group."""
+    existed, with SP groups of ``sequence_parallel`` consecutive ranks. A plain process
+    (WORLD_SIZE unset or 1) gets None and no process group. Bad settings are refused before
+    any process group is made."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(world_size, sequence_parallel)
     if world_size <= 1:
         yield None
         return
-    check_world_size(world_size)
     made = not dist.is_initialized()
     if made:
         on_cuda = torch.device(device).type == "cuda"
@@ -150,12 +188,16 @@ def cfg_parallel_from_env(device: str) -> Iterator[CFGParallel | None]:
             torch.cuda.set_device(torch.device(rank_device(device)))
         dist.init_process_group("nccl" if on_cuda else "gloo")
     try:
-        parallel = CFGParallel()
+        parallel = CFGParallel(sequence_parallel=sequence_parallel_group(sequence_parallel))
         if parallel.is_main:
             log.info(
-                "CFG-parallel sampling on %d ranks: each guided step's passes dealt as %s",
+                "CFG-parallel sampling on %d ranks in %d slot(s) of %s=%d: each guided step's "
+                "passes dealt to the slots as %s",
                 parallel.world_size,
-                deal_passes(3, parallel.world_size),
+                parallel.slots,
+                SETTING,
+                parallel.sp_size,
+                deal_passes(3, parallel.slots),
             )
         yield parallel
     finally:

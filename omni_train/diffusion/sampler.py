@@ -24,6 +24,7 @@ from omni_train.diffusion.flow import shift_timesteps
 
 if TYPE_CHECKING:
     from omni_train.diffusion.cfg_parallel import CFGParallel
+    from omni_train.models.sequence_parallel import SequenceParallel
 
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -157,9 +158,12 @@ def denoiser_model_fn(
     pose_heatmaps: torch.Tensor | None,
     active: dict[str, torch.Tensor],
     num_motion_latents: int = 0,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> GuidedModelFn:
     """Wrap an OmniDenoiser as a GuidedModelFn; conditions are repeated to the call's batch and
-    the text/audio flags are ANDed with ``active``."""
+    the text/audio flags are ANDed with ``active``. With ``sequence_parallel`` the denoiser
+    returns the velocity of this rank's frames only."""
+    parallel = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
 
     def repeat(value: Any, times: int) -> Any:
         if value is None or times == 1:
@@ -181,6 +185,7 @@ def denoiser_model_fn(
             repeat(pose_heatmaps, times),
             flags,
             num_motion_latents=num_motion_latents,
+            **parallel,
         )
 
     return model_fn
@@ -258,6 +263,7 @@ def generate_long_video(
     With ``parallel`` every rank of its group calls this with the same inputs: each denoising
     step's guidance passes run on different ranks; rank 0's noise and motion latents are the
     ones every rank uses, and only rank 0 decodes and returns the video (the others None).
+    With its ``sequence_parallel`` the ranks of each slot split every denoiser call's frames.
     """
     device = next(denoiser.parameters()).device
     if task == "pose" and keypoints is None:
@@ -267,6 +273,11 @@ def generate_long_video(
     num_latent = latent_frames(segment_frames)
     motion_frames = diffusion_cfg.motion_frames
     num_motion = latent_frames(motion_frames)
+    sequence_parallel = None if parallel is None else parallel.sequence_parallel
+    if sequence_parallel is not None:
+        from omni_train.diffusion.sequence_parallel_sampling import check_model
+
+        check_model(denoiser, sequence_parallel.size, num_latent, segment_frames)
     ref_latents = encoders.encode_video(ref_image.to(device)[:, :, None])
     text, text_mask = encoders.encode_text([caption])
     # An empty caption counts as no text: the model then sees its learned null text token.
@@ -309,6 +320,7 @@ def generate_long_video(
             heatmaps,
             active,
             num_motion_latents=0 if motion is None else num_motion,
+            sequence_parallel=sequence_parallel,
         )
         noise = from_main(
             lambda: torch.randn(latent_shape, generator=generator, device=draw_device).to(

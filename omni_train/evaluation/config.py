@@ -44,6 +44,9 @@ class EvaluateConfig:
     # Let the checkpoint's config.yaml name code outside omni_train / data_pipelines as a
     # _target_ (imported and called to build the model): only for run dirs you trust.
     trust_checkpoint_code: bool = False
+    # Under torchrun: ranks that split each denoiser call's latent frames (as in
+    # omni_train.sample); the guidance passes go to the WORLD_SIZE / sequence_parallel groups.
+    sequence_parallel: int = 1
     # Where the model runs: "" = cuda when available, else cpu; or e.g. "cpu", "cuda:1".
     device: str = ""
     # Write the side-by-side mp4 of every clip (real | static reference | generated).

@@ -178,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> Path | None:
     Under torchrun (2 or 3 ranks) the guidance passes of each denoising step run on different
     ranks; rank 0 scores and writes everything, the others return None."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with cfg_parallel_from_env(device) as parallel:
+    with cfg_parallel_from_env(device, cfg.sequence_parallel) as parallel:
         return _evaluate(cfg, device if parallel is None else rank_device(device), parallel)
 
 
