@@ -104,6 +104,11 @@ SIX_STEP_STAGES: tuple[str, ...] = (
 )
 
 
+# The foundation experiments (wan_smoke, hunyuan_video_smoke) on small clips: 3 latent frames of
+# 4 x 4, so their VAEs and models cost little.
+SMALL_CLIPS: tuple[str, ...] = ("data.resolution=[32,32]", "data.num_frames=9")
+
+
 def train_in_rank(overrides: Sequence[str]) -> int:
     """Train `omni_train.train OVERRIDES` in this (forked) rank; returns the last step.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import pytest
 
-from omni_train.testing import SIX_STEP_STAGES, metric_rows, run_ranks, train_in_rank
+from omni_train.testing import SIX_STEP_STAGES, SMALL_CLIPS, metric_rows, run_ranks, train_in_rank
 
 pytest.importorskip("diffusers", reason="the foundation extra (diffusers) is not installed")
 pytestmark = pytest.mark.slow
@@ -40,9 +40,7 @@ def _overrides(run_dir: Path, shards: str, experiment: str, zero: int, mode: str
         f"trainer.finetune.mode={mode}",
         "trainer.progress_bar=false",
         "logger.wandb.enabled=false",
-        # Small clips: 3 latent frames of 4 x 4, so the VAE and the model cost little.
-        "data.resolution=[32,32]",
-        "data.num_frames=9",
+        *SMALL_CLIPS,
         *SIX_STEP_STAGES,
     ]
 

@@ -2,7 +2,9 @@
 
 Two ranks with trainer.sequence_parallel=2 (one data-parallel replica) must train exactly as
 one rank without it on the same data: same batches, noise, timesteps and condition masks
-(they follow the data-parallel rank), the whole clip's loss, samples counted once.
+(they follow the data-parallel rank), the whole clip's loss, samples counted once. So must the
+diffusers backbones' wrappers, and the validation loss and sampling (which run without
+sequence parallelism) must give the one-rank run's numbers and clips.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import pytest
 
 from data_pipelines.testing import build_sample_shards
 from omni_train.contracts import CONDITIONS
-from omni_train.testing import SIX_STEP_STAGES, metric_rows, run_ranks, train_in_rank
+from omni_train.testing import (
+    SIX_STEP_STAGES,
+    SMALL_CLIPS,
+    metric_rows,
+    run_ranks,
+    train_in_rank,
+)
 from omni_train.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -24,13 +32,20 @@ MAX_STEPS = 6
 SP2 = "trainer.sequence_parallel=2"
 
 
-def overrides(run_dir: Path, shards: str, *extra: str, steps: int = MAX_STEPS) -> list[str]:
+def overrides(
+    run_dir: Path,
+    shards: str,
+    *extra: str,
+    steps: int = MAX_STEPS,
+    experiment: str = "smoke",
+    save_every: int = 2,
+) -> list[str]:
     return [
-        "experiment=smoke",
+        f"experiment={experiment}",
         f"run_dir={run_dir}",
         f"data.shards={shards}",
         f"trainer.max_steps={steps}",
-        "trainer.save_every=2",
+        f"trainer.save_every={save_every}",
         "trainer.progress_bar=false",
         "logger.wandb.enabled=false",
         *SIX_STEP_STAGES,
@@ -181,3 +196,86 @@ def test_a_resume_with_another_sequence_parallel_size_deals_the_data_out_again(
     assert run_ranks(train_in_rank, 2, run) == [3] * 2
     (resumed,) = metric_rows(run_dir)
     assert (resumed["step"], resumed["batch_size"]) == (3, 2 * rows[2]["batch_size"])
+
+
+# The diffusers backbones: (experiment, ZeRO stage, fine-tuning mode). The LoRA run under ZeRO-3
+# also computes the validation loss and samples a validation clip.
+FOUNDATION_CASES = [("wan_smoke", 3, "lora"), ("hunyuan_video_smoke", 2, "full")]
+
+
+def validation_overrides(shards: str) -> tuple[str, ...]:
+    """The validation loss before training and after the last step on three clips (the
+    training shards stand in for held-out ones: two on the first rank, one on the second), and
+    one clip sampled after the last step."""
+    return (
+        f"data.val_shards={shards}",
+        "trainer.val_at_start=true",
+        f"trainer.val_every={MAX_STEPS}",
+        "trainer.val_loss.num_clips=3",
+        "trainer.val_loss.timesteps=2",
+        f"trainer.validation.every={MAX_STEPS}",
+        "trainer.validation.sampling_steps=1",
+    )
+
+
+def validation_losses(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """{step: its val/ metrics} (the evaluation's wall time left out)."""
+    return {
+        row["step"]: {k: v for k, v in row.items() if k.startswith("val/") and k != "val/time_s"}
+        for row in rows
+        if "val/loss" in row
+    }
+
+
+def video_frames(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.mark.parametrize(("experiment", "zero", "mode"), FOUNDATION_CASES)
+def test_foundation_backbones_train_and_validate_sequence_parallel_as_one_rank(
+    shards, tmp_path, experiment, zero, mode
+):
+    pytest.importorskip("diffusers", reason="the foundation extra (diffusers) is not installed")
+    validated = mode == "lora"
+    rows = {}
+    for ranks, sp in ((1, ()), (2, (SP2,))):
+        run = overrides(
+            tmp_path / f"ranks_{ranks}",
+            shards,
+            f"trainer.zero_stage={zero}",
+            f"trainer.finetune.mode={mode}",
+            *SMALL_CLIPS,
+            *(validation_overrides(shards) if validated else ()),
+            *sp,
+            experiment=experiment,
+            save_every=MAX_STEPS,
+        )
+        assert run_ranks(train_in_rank, ranks, run) == [MAX_STEPS] * ranks
+        rows[ranks] = metric_rows(tmp_path / f"ranks_{ranks}")
+    want, got = ([r for r in rows[n] if "loss" in r] for n in (1, 2))
+    # All three stages, each condition on and the reference off for some sample (its key mask
+    # under sequence parallelism), motion frames (on the first rank's frames only: 2 of 2 + 1).
+    assert [r["stage"] for r in want] == [1, 1, 2, 2, 3, 3]
+    for cond in CONDITIONS:
+        assert any(row[f"active_{cond}"] > 0 for row in want), cond
+    assert any(row["active_ref"] < row["batch_size"] for row in want)
+    assert any(row["num_motion_latents"] > 0 for row in want)
+    assert_same_training(got, want)
+    if not validated:
+        return
+    # Weights equal at step 0, then as equal as the training losses.
+    expected = validation_losses(rows[1])
+    assert list(expected) == [0, MAX_STEPS]
+    assert expected[0]["val/num_clips"] == 3
+    evaluated = validation_losses(rows[2])
+    assert list(evaluated) == list(expected)
+    for step, metrics in expected.items():
+        assert evaluated[step] == pytest.approx(metrics, rel=1e-5), step
+    clip = Path("validation") / f"step_{MAX_STEPS:08d}" / "clip_0.mp4"
+    frames = [video_frames(tmp_path / f"ranks_{n}" / clip) for n in (1, 2)]
+    assert frames[0].shape == frames[1].shape == (9, 32, 32, 3)
+    assert (frames[0] == frames[1]).all()
