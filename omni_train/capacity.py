@@ -5,6 +5,8 @@ given corpus and cluster; and a table of memory per GPU across presets, modes an
     python -m omni_train.capacity model=wan21_14b finetune.mode=lora resolution=[480,832] \\
         num_frames=81 gpu=H100 num_gpus=8 [offload_optimizer=cpu] [offload_param=cpu]
     python -m omni_train.capacity table=true        # the VRAM table (presets x modes x ZeRO)
+    python -m omni_train.capacity model=wan21_14b sequence_parallel=4 num_gpus=8
+    python -m omni_train.capacity longest=true      # longest clip per GPU per preset x SP size
 
 Parameters, FLOPs and activations come from the denoiser itself, built on the meta device
 (omni_train/models/training_cost.py); the memory model is ``memory_per_gpu`` below.
@@ -13,7 +15,9 @@ Parameters, FLOPs and activations come from the denoiser itself, built on the me
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import hydra
@@ -37,6 +41,18 @@ GPU_MEMORY_GB: dict[str, float] = {
     "H100 PCIe": 80.0,
     "H100 NVL": 94.0,
     "H200": 141.0,
+}
+# Per-direction NVLink bandwidth of each GPU to its node's other GPUs (GB/s; NVIDIA's
+# figures: NVLink 4 900 GB/s and NVLink 3 600 GB/s both directions), and PCIe Gen5 x16 for
+# the PCIe cards (an NVL pair's bridge links two GPUs only). The sequence-parallel exchanges
+# of a group within a node go over it.
+GPU_LINK_GB_S: dict[str, float] = {
+    "A100-40GB": 300.0,
+    "A100": 300.0,
+    "H100": 450.0,
+    "H100 PCIe": 64.0,
+    "H100 NVL": 64.0,
+    "H200": 450.0,
 }
 # A plan fits when it needs less than this share of the GPU's memory: the rest is the CUDA
 # context, NCCL's buffers and the caching allocator's fragmentation.
@@ -74,12 +90,30 @@ class CapacityConfig:
     offload_optimizer: str = "none"
     offload_param: str = "none"
     mfu: float = 0.35
+    # Ranks sharing each sample (trainer.sequence_parallel): each holds 1/N of the latent
+    # frames; world = data-parallel size x sequence_parallel.
+    sequence_parallel: int = 1
+    # GPUs per node: a sequence-parallel group larger than this exchanges across nodes.
+    gpus_per_node: int = 8
+    # GB/s per GPU, one direction: within a node (0 = the GPU's NVLink or PCIe figure in
+    # GPU_LINK_GB_S) and between nodes (one 400 Gb/s NIC per GPU); the exchanges are assumed
+    # to reach this share of them.
+    intra_node_gb_s: float = 0.0
+    inter_node_gb_s: float = 50.0
+    link_efficiency: float = 0.7
     # Total optimizer steps; each curriculum stage runs from its start_step to the next one's.
     max_steps: int = 100_000
     # Print the VRAM table of table_models (each x full / new_modules / lora x ZeRO 2, 3 x
     # offload none, cpu) at this config's clip, precision, micro batch, GPU and num_gpus.
     table: bool = False
     table_models: list[str] = field(default_factory=lambda: list(TABLE_MODELS))
+    # Print the longest clip (in frames at this resolution) one GPU trains, for each of
+    # table_models x longest_modes x longest_sp_sizes, at ZeRO stage longest_zero_stage with
+    # this config's offload, precision, micro batch, GPU and num_gpus.
+    longest: bool = False
+    longest_modes: list[str] = field(default_factory=lambda: ["full", "lora"])
+    longest_sp_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    longest_zero_stage: int = 3
 
 
 def bytes_per_param(precision: str, zero_stage: int) -> tuple[int, int, int]:
@@ -185,6 +219,12 @@ def persistent_params(params: ParameterCounts, mode: str) -> tuple[int, int]:
     return sum(small[part] for part in trained), frozen
 
 
+def exchange_buffer_bytes(cost: TrainingCost) -> float:
+    """Sequence parallelism's transient buffers at the largest exchange: the stacked q/k/v,
+    their flat send copy and the receive buffer (the gathered result is an activation)."""
+    return 3.0 * cost.largest_exchange_bytes
+
+
 def memory_per_gpu(
     cost: TrainingCost,
     encoder_params: int,
@@ -199,10 +239,11 @@ def memory_per_gpu(
 
     Model states: ``model_state_bytes`` for the mode's trainable and frozen parameters.
     Activations: what the denoiser keeps for backward per sample (counted, with the preset's
-    gradient checkpointing) x micro batch. Encoders: the frozen VAE, text and audio
-    encoders, which the trainer keeps on every GPU in the run's precision
-    (trainer.frozen_dtype=auto). Transient: see
-    ``transient_bytes``.
+    gradient checkpointing) x micro batch; with sequence parallelism, what its busiest rank
+    keeps. Encoders: the frozen VAE, text and audio encoders, which the trainer keeps on
+    every GPU in the run's precision (trainer.frozen_dtype=auto). Transient: see
+    ``transient_bytes`` and ``exchange_buffer_bytes``. ZeRO partitions over every rank
+    (``ranks``): the trainer's engine spans data- and sequence-parallel ranks alike.
     """
     params = cost.params
     trainable = params.trainable(cost.mode)
@@ -222,9 +263,8 @@ def memory_per_gpu(
         "activations": float(cost.activation_bytes * micro_batch),
         # trainer.frozen_dtype=auto keeps them in the run's precision.
         "encoders": (2.0 if precision == "bf16" else 4.0) * encoder_params,
-        "transient": transient_bytes(
-            trainable, params.largest_module, zero_stage, ranks, precision
-        ),
+        "transient": transient_bytes(trainable, params.largest_module, zero_stage, ranks, precision)
+        + exchange_buffer_bytes(cost),
     }
     plan["total"] = sum(plan.values())
     plan["host"] = host
@@ -235,18 +275,39 @@ def _text_tokens(cfg: CapacityConfig) -> int | None:
     return cfg.text_tokens or None
 
 
-def plan_cost(cfg: CapacityConfig, model: ModelConfig | None = None, mode: str | None = None):
+def plan_cost(
+    cfg: CapacityConfig,
+    model: ModelConfig | None = None,
+    mode: str | None = None,
+    sequence_parallel: int | None = None,
+    num_frames: int | None = None,
+) -> TrainingCost:
     from omni_train.models.training_cost import training_cost
 
     return training_cost(
         model or cfg.model,
         cfg.resolution,
-        cfg.num_frames,
+        num_frames or cfg.num_frames,
         _text_tokens(cfg),
         mode or cfg.finetune.mode,
         cfg.finetune.lora_rank,
         cfg.precision,
+        sequence_parallel or cfg.sequence_parallel,
     )
+
+
+def exchange_seconds(cfg: CapacityConfig, sent_bytes: float, sequence_parallel: int) -> float:
+    """Time of a rank's sequence-parallel exchanges: each peer of the group gets an equal share
+    of the bytes; peers on the same node over NVLink (or PCIe), the others over the network,
+    both at ``link_efficiency`` of their bandwidth, the slower part setting the time. The
+    exchanges sit between the projections and the attention, so no compute hides them."""
+    if sequence_parallel == 1:
+        return 0.0
+    local = min(sequence_parallel, cfg.gpus_per_node)
+    within = sent_bytes * (local - 1) / (sequence_parallel - 1)
+    intra = (cfg.intra_node_gb_s or GPU_LINK_GB_S[cfg.gpu]) * 1e9 * cfg.link_efficiency
+    inter = cfg.inter_node_gb_s * 1e9 * cfg.link_efficiency
+    return max(within / intra, (sent_bytes - within) / inter)
 
 
 def _check(cfg: CapacityConfig) -> float:
@@ -257,6 +318,19 @@ def _check(cfg: CapacityConfig) -> float:
         raise ValueError(f"mfu={cfg.mfu}: use a fraction in (0, 1], e.g. 0.35")
     if len(cfg.resolution) != 2:
         raise ValueError(f"resolution={cfg.resolution} must be [height, width]")
+    if cfg.sequence_parallel < 1 or cfg.num_gpus % cfg.sequence_parallel:
+        raise ValueError(
+            f"sequence_parallel={cfg.sequence_parallel} must be >= 1 and divide "
+            f"num_gpus={cfg.num_gpus} (GPUs = data-parallel size x sequence_parallel)"
+        )
+    if cfg.gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node={cfg.gpus_per_node}: use the GPUs of one node, e.g. 8")
+    if not 0 < cfg.link_efficiency <= 1 or cfg.inter_node_gb_s <= 0 or cfg.intra_node_gb_s < 0:
+        raise ValueError(
+            f"link_efficiency={cfg.link_efficiency}, inter_node_gb_s={cfg.inter_node_gb_s}, "
+            f"intra_node_gb_s={cfg.intra_node_gb_s}: use a share in (0, 1] and positive GB/s "
+            "(intra_node_gb_s=0 takes the GPU's own figure)"
+        )
     return GPU_MEMORY_GB[cfg.gpu]
 
 
@@ -299,9 +373,16 @@ def estimate(cfg: CapacityConfig) -> dict[str, Any]:
         )
         memory[stage] = {key: value / GIB for key, value in plan.items()}
         memory[stage]["fits"] = memory[stage]["total"] < USABLE_SHARE * memory_gb
-    global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_gpus
-    step_flops = summary["train_flops_per_sample"] * global_batch
-    step_s = step_flops / (cfg.num_gpus * peak_tflops * 1e12 * cfg.mfu)
+    sp = cfg.sequence_parallel
+    samples_per_gpu = cfg.micro_batch * cfg.grad_accum
+    global_batch = samples_per_gpu * cfg.num_gpus // sp
+    # A GPU's work per step: its samples' training FLOPs (with SP, its rank's share of each
+    # sample, the replicated embeddings included: counted) at the assumed MFU, plus the
+    # exchanges.
+    rank_flops = summary["train_flops_per_sample"] if sp == 1 else cost.train_flops
+    compute_s = samples_per_gpu * rank_flops / (peak_tflops * 1e12 * cfg.mfu)
+    exchange_s = samples_per_gpu * exchange_seconds(cfg, cost.sent_bytes, sp)
+    step_s = compute_s + exchange_s
     clips_per_epoch = cfg.corpus_hours * 3600 / (cfg.num_frames / cfg.fps)
     stages = []
     starts = [s.start_step for s in cfg.curriculum.stages] + [cfg.max_steps]
@@ -319,6 +400,11 @@ def estimate(cfg: CapacityConfig) -> dict[str, Any]:
         "summary": summary,
         "memory_gib": memory,
         "global_batch": global_batch,
+        "sequence_parallel": sp,
+        "rank_flops_per_sample": rank_flops,
+        "sent_bytes_per_sample": cost.sent_bytes,
+        "compute_time_s": compute_s,
+        "exchange_time_s": exchange_s,
         "step_time_s": step_s,
         "clips_per_epoch": clips_per_epoch,
         "stages": stages,
@@ -354,6 +440,18 @@ def render(cfg: CapacityConfig, result: dict[str, Any]) -> str:
             f"{m['activations']:6.2f} {m['encoders']:6.2f} {m['transient']:6.2f} "
             f"{m['total']:7.2f} {'fits' if m['fits'] else 'OOM ':<4} {m['host']:14.2f}"
         )
+    sp = result["sequence_parallel"]
+    if sp > 1:
+        lines += [
+            "",
+            f"sequence parallel {sp}: {cfg.num_gpus // sp} data-parallel replicas; per rank "
+            f"{result['rank_flops_per_sample'] / 1e12:.1f} TFLOP and "
+            f"{result['sent_bytes_per_sample'] / GIB:.2f} GiB sent per sample "
+            f"(unsharded {s['train_flops_per_sample'] / 1e12:.1f} TFLOP)",
+            f"step: compute {result['compute_time_s']:.2f} s + exchanges "
+            f"{result['exchange_time_s']:.3f} s "
+            f"({result['exchange_time_s'] / result['step_time_s']:.1%} of the step)",
+        ]
     lines += [
         "",
         f"step time at {cfg.mfu:.0%} MFU: {result['step_time_s']:.2f} s; "
@@ -462,12 +560,164 @@ def render_table_summary(cfg: CapacityConfig, rows: list[dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
+# The longest-clip search stops here (latent frames: 4093 pixel frames, 164 s at 25 fps).
+MAX_LATENT_FRAMES = 1024
+
+
+def longest_latent_frames(
+    total: Callable[[int], float], limit: float, sequence_parallel: int, high: int
+) -> int:
+    """The most latent frames L in [sequence_parallel, high] with total(L) < limit (total
+    grows with L); sequence_parallel - 1 when none does.
+
+    A rank's memory is affine in the frames it holds, ceil(L / sp), and in L (attention over
+    the gathered sequence, the replicated embeddings): A + B ceil(L / sp) + C L. Three counts
+    give A, B and C, the formula a first guess, and exact counts walk from it to the answer.
+    """
+    sp = sequence_parallel
+
+    def fits(latent: int) -> bool:
+        return total(latent) < limit
+
+    first, second = 2 * sp, 3 * sp
+    at_first, at_second = total(first), total(second)
+    per_sp = at_second - at_first  # B + C sp
+    per_frame = per_sp / sp if sp == 1 else total(second + 1) - at_second  # B + C
+    c = (per_sp - per_frame) / (sp - 1) if sp > 1 else per_frame
+    b = per_frame - c
+    a = at_first - b * 2 - c * first
+
+    def modelled(latent: int) -> float:
+        return a + b * -(-latent // sp) + c * latent
+
+    guess = sp
+    while guess < high and modelled(guess + 1) < limit:
+        guess += 1
+    if fits(guess):
+        good, bad = guess, None
+        step = 1
+        while bad is None and good < high:
+            probe = min(good + step, high)
+            good, bad = (probe, None) if fits(probe) else (good, probe)
+            step *= 2
+        if bad is None:
+            return good
+    else:
+        good, bad, step = None, guess, 1
+        while good is None:
+            probe = max(bad - step, sp)
+            if fits(probe):
+                good = probe
+            elif probe == sp:
+                return sp - 1
+            else:
+                bad, step = probe, step * 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def _gib_per_gpu(
+    cfg: CapacityConfig,
+    model: ModelConfig,
+    encoders: int,
+    mode: str,
+    sequence_parallel: int,
+    latent_frames: int,
+) -> float:
+    from omni_train.contracts import pixel_frames
+
+    stage = cfg.longest_zero_stage
+    cost = plan_cost(cfg, model, mode, sequence_parallel, pixel_frames(latent_frames))
+    plan = memory_per_gpu(
+        cost,
+        encoders,
+        stage,
+        max(cfg.num_gpus, sequence_parallel),
+        cfg.precision,
+        cfg.micro_batch,
+        cfg.offload_optimizer,
+        cfg.offload_param if stage == 3 else "none",
+    )
+    return plan["total"] / GIB
+
+
+def longest_clip_table(cfg: CapacityConfig, models: dict[str, ModelConfig]) -> list[dict]:
+    """For each model x longest_modes x longest_sp_sizes: the most pixel frames at the
+    config's resolution whose plan fits one GPU at ZeRO stage longest_zero_stage (ZeRO over
+    num_gpus ranks, at least the SP size); None where the SP size does not divide the heads."""
+    from omni_train.contracts import pixel_frames
+    from omni_train.models.summary import encoder_parameter_counts
+
+    memory_gb = _check(cfg)
+    if cfg.longest_zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"longest_zero_stage={cfg.longest_zero_stage}: use 0, 1, 2 or 3")
+    rows = []
+    for name, model in models.items():
+        encoders = sum(encoder_parameter_counts(model).values())
+        for mode in cfg.longest_modes:
+            cells: dict[int, int | None] = {}
+            for sp in cfg.longest_sp_sizes:
+                total = partial(_gib_per_gpu, cfg, model, encoders, mode, sp)
+                try:
+                    latent = longest_latent_frames(
+                        total, USABLE_SHARE * memory_gb, sp, MAX_LATENT_FRAMES
+                    )
+                except ValueError as error:
+                    if "does not divide" not in str(error):
+                        raise
+                    cells[sp] = None
+                    continue
+                cells[sp] = pixel_frames(latent) if latent >= sp else 0
+            rows.append({"model": name, "mode": mode, "frames": cells})
+    return rows
+
+
+def render_longest_clips(cfg: CapacityConfig, rows: list[dict]) -> str:
+    from omni_train.contracts import pixel_frames
+
+    memory_gb = GPU_MEMORY_GB[cfg.gpu]
+    offload = cfg.offload_optimizer if cfg.offload_param == "none" else "optimizer + parameters"
+    ceiling = pixel_frames(MAX_LATENT_FRAMES)
+    sizes = cfg.longest_sp_sizes
+    lines = [
+        f"Longest clip per GPU (pixel frames, seconds at {cfg.fps:g} fps) at "
+        f"{cfg.resolution[0]}x{cfg.resolution[1]}, {cfg.precision}, micro batch "
+        f"{cfg.micro_batch}, each preset with its gradient checkpointing, ZeRO-"
+        f"{cfg.longest_zero_stage} over {cfg.num_gpus} x {cfg.gpu} (offload {offload}), under "
+        f"{USABLE_SHARE:.0%} of {memory_gb:g} GB; - = the SP size does not divide the "
+        f"attention heads, 0 = not even the shortest clip fits, >= = the search's "
+        f"{ceiling}-frame ceiling",
+        "",
+        "| model | mode | " + " | ".join(f"SP {sp}" for sp in sizes) + " |",
+        "| --- | --- |" + " ---: |" * len(sizes),
+    ]
+    for row in rows:
+        cells = []
+        for sp in sizes:
+            frames = row["frames"][sp]
+            if frames is None:
+                cells.append("-")
+            elif frames == 0:
+                cells.append("0")
+            else:
+                at_least = ">= " if frames >= ceiling else ""
+                cells.append(f"{at_least}{frames} ({frames / cfg.fps:.1f} s)")
+        lines.append(f"| {row['model']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 ConfigStore.instance().store(name="capacity_schema", node=CapacityConfig)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="capacity")
 def main(raw: DictConfig) -> None:
     cfg: CapacityConfig = OmegaConf.to_object(raw)
+    if cfg.longest:
+        models = {name: _preset(name) for name in cfg.table_models}
+        print(render_longest_clips(cfg, longest_clip_table(cfg, models)))
+        return
     if cfg.table:
         models = {name: _preset(name) for name in cfg.table_models}
         rows = vram_table(cfg, models)

@@ -25,7 +25,8 @@ all dp x sp ranks therefore gives the dp-average of unsharded gradients with not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -133,8 +134,45 @@ class FrameShard:
 # Collectives. Tensors are (..., heads, tokens, head_dim).
 
 
-def _exchange(send: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], group: Any):
-    """Send ``send[r]`` to rank r; return what each rank r sent here, shaped ``recv_shapes[r]``."""
+@dataclass
+class ExchangeCount:
+    """What this rank's exchanges moved (``counting_exchanges``)."""
+
+    sent_bytes: int = 0  # to the other ranks of the group (its own chunk stays local)
+    largest_bytes: int = 0  # the largest single exchange's send buffer, every chunk
+    calls: int = 0
+
+
+_COUNTERS: list[ExchangeCount] = []
+
+
+@contextmanager
+def counting_exchanges() -> Iterator[ExchangeCount]:
+    """Count the exchanges (all-to-alls and head all-gathers) this rank runs inside the
+    block: forward and backward, both directions."""
+    count = ExchangeCount()
+    _COUNTERS.append(count)
+    try:
+        yield count
+    finally:
+        _COUNTERS.remove(count)
+
+
+def _exchange(
+    send: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], sp: SequenceParallel
+) -> list[torch.Tensor]:
+    """Send ``send[r]`` to rank r; return what each rank r sent here, shaped ``recv_shapes[r]``.
+
+    On meta tensors nothing is sent: the capacity planner runs one rank's step that way (with
+    ``SequenceParallel(None, rank, size)``, no process group) to count its FLOPs, activations
+    and the bytes it would send."""
+    sizes = [chunk.numel() * chunk.element_size() for chunk in send]
+    for count in _COUNTERS:
+        count.sent_bytes += sum(size for r, size in enumerate(sizes) if r != sp.rank)
+        count.largest_bytes = max(count.largest_bytes, sum(sizes))
+        count.calls += 1
+    if send[0].is_meta:
+        return [send[0].new_empty(shape) for shape in recv_shapes]
     flat = torch.cat([chunk.reshape(-1) for chunk in send])
     recv_sizes = [torch.Size(shape).numel() for shape in recv_shapes]
     received = flat.new_empty(sum(recv_sizes))
@@ -143,7 +181,7 @@ def _exchange(send: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], g
         flat,
         output_split_sizes=recv_sizes,
         input_split_sizes=[chunk.numel() for chunk in send],
-        group=group,
+        group=sp.group,
     )
     return [
         piece.view(shape)
@@ -155,14 +193,14 @@ def _tokens_to_heads(x: torch.Tensor, shard: FrameShard) -> torch.Tensor:
     """(..., H, own tokens, d) -> (..., H / sp, all ranks' tokens, d)."""
     send = x.chunk(shard.sp.size, dim=-3)
     shapes = [(*send[0].shape[:-2], count, x.shape[-1]) for count in shard.token_counts]
-    return torch.cat(_exchange(send, shapes, shard.sp.group), dim=-2)
+    return torch.cat(_exchange(send, shapes, shard.sp), dim=-2)
 
 
 def _heads_to_tokens(x: torch.Tensor, shard: FrameShard) -> torch.Tensor:
     """(..., H / sp, all ranks' tokens, d) -> (..., H, own tokens, d)."""
     send = x.split(shard.token_counts, dim=-2)
     shape = (*x.shape[:-2], shard.num_tokens, x.shape[-1])
-    return torch.cat(_exchange(send, [shape] * shard.sp.size, shard.sp.group), dim=-3)
+    return torch.cat(_exchange(send, [shape] * shard.sp.size, shard.sp), dim=-3)
 
 
 class _TokensToHeads(torch.autograd.Function):
@@ -193,13 +231,13 @@ class _GatherHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
         ctx.sp = sp
-        return torch.cat(_exchange([x] * sp.size, [x.shape] * sp.size, sp.group), dim=-3)
+        return torch.cat(_exchange([x] * sp.size, [x.shape] * sp.size, sp), dim=-3)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         sp = ctx.sp
         send = grad.contiguous().chunk(sp.size, dim=-3)
-        return torch.stack(_exchange(send, [send[0].shape] * sp.size, sp.group)).sum(0), None
+        return torch.stack(_exchange(send, [send[0].shape] * sp.size, sp)).sum(0), None
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -207,7 +245,8 @@ class _SumOverGroup(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
         ctx.size = sp.size
         total = x.clone()
-        dist.all_reduce(total, group=sp.group)
+        if not total.is_meta:
+            dist.all_reduce(total, group=sp.group)
         return total
 
     @staticmethod

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -51,6 +52,11 @@ from omni_train.contracts import CONDITIONS, SPATIAL_STRIDE
 from omni_train.models.config import ModelConfig
 from omni_train.models.finetune import FINETUNE_MODES, apply_finetune_mode
 from omni_train.models.flops import token_counts, train_flops_per_sample
+from omni_train.models.sequence_parallel import (
+    ExchangeCount,
+    SequenceParallel,
+    counting_exchanges,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -270,29 +276,94 @@ class PassCount:
     forward_flops: int
     train_flops: int
     saved_bytes: int
+    # Bytes this rank sends to the other sequence-parallel ranks: in all, in the forward, in
+    # the forwards of the ``recomputed`` modules; and the largest single exchange.
+    sent_bytes: int = 0
+    forward_sent_bytes: int = 0
+    recomputed_sent_bytes: int = 0
+    largest_exchange_bytes: int = 0
 
 
 def count_training_pass(
-    denoiser: nn.Module, inputs: dict[str, Any], backward: bool = True
+    denoiser: nn.Module,
+    inputs: dict[str, Any],
+    backward: bool = True,
+    sequence_parallel: SequenceParallel | None = None,
+    recomputed: Sequence[nn.Module] = (),
 ) -> PassCount:
     """FLOPs of one forward and of the backward autograd runs for the parameters that require
     grad, and the bytes the forward saves for backward (without ``backward``: the bytes only,
-    no FLOPs)."""
+    no FLOPs). With ``sequence_parallel`` (a rank of a group without a process group: the
+    tensors are meta), one rank's share: its frames, its heads, the bytes it sends, and of
+    those the bytes sent inside the forwards of the ``recomputed`` modules."""
+    with counting_exchanges() as exchanges, _counting_inside(recomputed, exchanges) as inside:
+        return _count_pass(denoiser, inputs, backward, sequence_parallel, exchanges, inside)
+
+
+@contextmanager
+def _counting_inside(modules: Sequence[nn.Module], exchanges: ExchangeCount) -> Iterator[list[int]]:
+    """Bytes ``exchanges`` counts while a forward of the modules or of any module inside them
+    runs (a family's wrapper calls its base blocks' parts, not the blocks); nested calls
+    count once."""
+    inside: list[int] = []
+    depth = [0]
+
+    def enter(*_: Any) -> None:
+        if depth[0] == 0:
+            inside.append(-exchanges.sent_bytes)
+        depth[0] += 1
+
+    def leave(*_: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            inside[-1] += exchanges.sent_bytes
+
+    handles = []
+    for module in {id(m): m for block in modules for m in block.modules()}.values():
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield inside
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _count_pass(
+    denoiser: nn.Module,
+    inputs: dict[str, Any],
+    backward: bool,
+    sequence_parallel: SequenceParallel | None,
+    exchanges: ExchangeCount,
+    inside: list[int],
+) -> PassCount:
     parameters = {p.untyped_storage()._cdata for p in denoiser.parameters()}
     saved = SavedBytes(parameters)
     backward_op = torch.ops.aten._scaled_dot_product_efficient_attention_backward
     mapping = {backward_op: _attention_backward_flops}
+    if sequence_parallel is not None:
+        inputs = {**inputs, "sequence_parallel": sequence_parallel}
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
     if not backward:
-        with MetaPass(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with MetaPass(), hooks:
             denoiser(**inputs)
-        return PassCount(0, 0, saved.total)
+        return PassCount(
+            0, 0, saved.total, exchanges.sent_bytes, sum(inside), exchanges.largest_bytes
+        )
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, MetaPass():
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with hooks:
             out = denoiser(**inputs)
-        forward = counter.get_total_flops()
+        forward, forward_sent = counter.get_total_flops(), exchanges.sent_bytes
         if out.requires_grad:
             out.float().square().mean().backward()
-    return PassCount(forward, counter.get_total_flops(), saved.total)
+    return PassCount(
+        forward,
+        counter.get_total_flops(),
+        saved.total,
+        exchanges.sent_bytes,
+        forward_sent,
+        sum(inside),
+        exchanges.largest_bytes,
+    )
 
 
 def checkpointed_block_count(denoiser: nn.Module) -> int:
@@ -302,6 +373,18 @@ def checkpointed_block_count(denoiser: nn.Module) -> int:
     if backbone is not None:
         return len(backbone.checkpointed_blocks())
     return len(denoiser.audio_attn) if denoiser.gradient_checkpointing else 0
+
+
+def recomputed_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The blocks gradient checkpointing (model.dit.gradient_checkpointing) recomputes in
+    backward, in a denoiser built with or without it: this project's MMDiT's every
+    checkpoint_every_n_blocks-th block. Empty for a family, which recomputes every base
+    block, where all its exchanges are (it calls their parts, not the blocks: no hook on a
+    block would see them)."""
+    backbone = getattr(denoiser, "backbone", None)
+    if backbone is None:
+        return []
+    return list(backbone.blocks)[:: backbone.checkpoint_every_n_blocks]
 
 
 # The config keys that set how many blocks of each kind a family repeats (the own MMDiT's
@@ -339,24 +422,53 @@ class TrainingCost:
     saved_bytes: int
     # Peak activation bytes with the model's checkpointing (= saved_bytes without it).
     activation_bytes: int
+    # Sequence-parallel ranks sharing the sample (1 = none). Above 1 every figure is the
+    # busiest rank's (the first: it holds the extra frame of an uneven split).
+    sequence_parallel: int = 1
+    # Bytes that rank sends to the others in the step (all-to-alls and all-gathers), and the
+    # send buffer of its largest exchange.
+    sent_bytes: int = 0
+    largest_exchange_bytes: int = 0
+
+
+LARGEST = 5  # the index of the largest exchange in _pass_figures' list
 
 
 def _pass_figures(
-    cfg: ModelConfig, inputs: dict[str, Any], mode: str, lora_rank: int, dtype: torch.dtype
+    cfg: ModelConfig,
+    inputs: dict[str, Any],
+    mode: str,
+    lora_rank: int,
+    dtype: torch.dtype,
+    sequence_parallel: int = 1,
 ) -> list[int]:
-    """[forward FLOPs, train FLOPs, saved bytes, bytes kept with checkpointing, blocks
-    checkpointed] of one model size."""
+    """[forward FLOPs, train FLOPs, saved bytes, bytes kept with checkpointing, bytes sent,
+    blocks checkpointed] of one model size (one rank's, with ``sequence_parallel`` > 1)."""
+    sp = SequenceParallel(None, 0, sequence_parallel) if sequence_parallel > 1 else None
 
     def built(checkpointing: bool) -> nn.Module:
         denoiser = apply_finetune_mode(build_on_meta(cfg, checkpointing), mode, lora_rank)
         return denoiser.to(dtype).train()
 
-    plain = count_training_pass(built(False), inputs)
+    plain_model = built(False)
     blocks = checkpointed_block_count(build_on_meta(cfg))
+    recomputed = recomputed_blocks(plain_model)
+    plain = count_training_pass(plain_model, inputs, sequence_parallel=sp, recomputed=recomputed)
     kept = plain.saved_bytes
     if blocks:
-        kept = count_training_pass(built(True), inputs, backward=False).saved_bytes
-    return [plain.forward_flops, plain.train_flops, plain.saved_bytes, kept, blocks]
+        kept = count_training_pass(built(True), inputs, False, sp).saved_bytes
+    # A recomputed block sends its forward's exchanges again in backward.
+    resent = plain.recomputed_sent_bytes if recomputed else plain.forward_sent_bytes
+    sent = plain.sent_bytes + (resent if blocks else 0)
+    return [
+        plain.forward_flops,
+        plain.train_flops,
+        plain.saved_bytes,
+        kept,
+        sent,
+        plain.largest_exchange_bytes,
+        blocks,
+    ]
 
 
 def _count(
@@ -367,6 +479,7 @@ def _count(
     mode: str,
     lora_rank: int,
     precision: str,
+    sequence_parallel: int = 1,
 ) -> TrainingCost:
     """Blocks of a kind cost the same, so every figure is linear in the block counts: it is
     counted at a small depth and at one step more of each kind, then extrapolated (equal to
@@ -381,20 +494,22 @@ def _count(
     step = cfg.dit.checkpoint_every_n_blocks if not cfg.backbone.family else 1
     start = step * (1 if cfg.backbone.family else 2)
     small = dict.fromkeys(counts, start)
+    spec = (inputs, mode, lora_rank, dtype, sequence_parallel)
     if any(n <= start + step or (n - start) % step for n in counts.values()):
-        figures = _pass_figures(cfg, inputs, mode, lora_rank, dtype)
+        figures = _pass_figures(cfg, *spec)
     else:
-        base = _pass_figures(with_block_counts(cfg, small), inputs, mode, lora_rank, dtype)
+        base = _pass_figures(with_block_counts(cfg, small), *spec)
         figures = list(base)
         for key, n in counts.items():
-            grown = _pass_figures(
-                with_block_counts(cfg, {**small, key: start + step}), inputs, mode, lora_rank, dtype
-            )
+            grown = _pass_figures(with_block_counts(cfg, {**small, key: start + step}), *spec)
             for i, (more, less) in enumerate(zip(grown, base, strict=True)):
-                figures[i] += (more - less) * (n - start) // step
-    forward, train, saved, kept, blocks = figures
+                if i != LARGEST:  # one exchange's size does not grow with depth
+                    figures[i] += (more - less) * (n - start) // step
+    forward, train, saved, kept, sent, largest, blocks = figures
     activations = kept + max(0, saved - kept) // blocks if blocks else saved
-    return TrainingCost(mode, params, forward, train, saved, activations)
+    return TrainingCost(
+        mode, params, forward, train, saved, activations, sequence_parallel, sent, largest
+    )
 
 
 _COSTS: dict[tuple, TrainingCost] = {}
@@ -415,20 +530,27 @@ def training_cost(
     mode: str = "full",
     lora_rank: int | None = None,
     precision: str = "bf16",
+    sequence_parallel: int = 1,
 ) -> TrainingCost:
     """The cost of one sample of ``num_frames`` pixel frames at ``resolution`` (height, width)
     with ``text_tokens`` padded caption tokens (default model.text_encoder.max_length), for
     ``mode`` (full | new_modules | lora at ``lora_rank``, default trainer.finetune's) at
-    ``precision`` (bf16 | fp32: the dtype of the weights and activations)."""
+    ``precision`` (bf16 | fp32: the dtype of the weights and activations), on one rank of
+    ``sequence_parallel`` sharing the sample (trainer.sequence_parallel; its busiest rank)."""
     trained_parts(mode)
     if precision not in DTYPES:
         raise ValueError(f"precision={precision!r}: use one of {', '.join(DTYPES)}")
-    token_counts(cfg, resolution, num_frames, text_tokens)  # names a bad shape first
+    counts = token_counts(cfg, resolution, num_frames, text_tokens)  # names a bad shape first
+    if sequence_parallel < 1:
+        raise ValueError(f"sequence_parallel={sequence_parallel}: use 1 (off) or more ranks")
+    if sequence_parallel > counts.latent_frames:
+        SequenceParallel(None, 0, sequence_parallel).shard_frames(counts.latent_frames, 1)
     rank = default_lora_rank() if lora_rank is None else int(lora_rank)
     shape = (tuple(int(v) for v in resolution), int(num_frames), text_tokens)
     key = (json.dumps(asdict(cfg), sort_keys=True), *shape, mode, rank, precision)
+    key += (sequence_parallel,)
     if key not in _COSTS:
-        _COSTS[key] = _count(cfg, *shape, mode, rank, precision)
+        _COSTS[key] = _count(cfg, *shape, mode, rank, precision, sequence_parallel)
     return _COSTS[key]
 
 

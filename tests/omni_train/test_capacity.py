@@ -11,16 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from omni_train import capacity
 from omni_train.capacity import (
     GIB,
     TABLE_SETUPS,
     CapacityConfig,
     estimate,
+    exchange_seconds,
+    longest_clip_table,
+    longest_latent_frames,
     memory_per_gpu,
     model_state_bytes,
     persistent_params,
     plan_cost,
     render,
+    render_longest_clips,
     render_table,
     render_table_summary,
     transient_bytes,
@@ -29,6 +34,7 @@ from omni_train.capacity import (
 from omni_train.describe import model_preset
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
+from omni_train.models.summary import encoder_parameter_counts
 from omni_train.models.training_cost import ParameterCounts, TrainingCost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,3 +223,124 @@ def test_cli_prints_the_table():
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 3 + 3 * 4  # the summary, then the breakdown
+
+
+# Sequence parallelism ----------------------------------------------------------------------
+
+
+def test_exchanges_run_over_nvlink_within_a_node_and_the_network_across():
+    cfg = CapacityConfig(gpu="H100", link_efficiency=0.5, inter_node_gb_s=40.0)
+    assert exchange_seconds(cfg, 9e9, 1) == 0.0
+    # 4 ranks on one node: all 9 GB over NVLink at 450 x 0.5 GB/s.
+    assert exchange_seconds(cfg, 9e9, 4) == pytest.approx(9e9 / 225e9)
+    # 16 ranks over 2 nodes of 8: 7 of 15 peers share the node, 8 are across (at 20 GB/s).
+    assert exchange_seconds(cfg, 15e9, 16) == pytest.approx(8e9 / 20e9)
+    cfg.intra_node_gb_s = 10.0
+    assert exchange_seconds(cfg, 15e9, 16) == pytest.approx(7e9 / 5e9)
+
+
+def test_a_sequence_parallel_plan_shards_activations_and_adds_the_exchanges():
+    base = {"resolution": [32, 32], "num_frames": 9, "num_gpus": 8, "max_steps": 10}
+    cfg = CapacityConfig(**base, sequence_parallel=2, precision="fp32")
+    result = estimate(cfg)
+    cost = plan_cost(cfg)
+    unsharded = plan_cost(cfg, sequence_parallel=1)
+    assert (cost.sequence_parallel, unsharded.sequence_parallel) == (2, 1)
+    assert cost.activation_bytes < unsharded.activation_bytes
+    assert cost.train_flops < unsharded.train_flops
+    assert result["global_batch"] == 4
+    assert result["sent_bytes_per_sample"] == cost.sent_bytes > 0
+    peak = 67e12 * cfg.mfu  # H100 fp32
+    assert result["compute_time_s"] == pytest.approx(cost.train_flops / peak)
+    assert result["exchange_time_s"] == pytest.approx(cost.sent_bytes / (450e9 * 0.7))
+    assert result["step_time_s"] == result["compute_time_s"] + result["exchange_time_s"]
+    zero2 = result["memory_gib"][2]
+    assert zero2["activations"] * GIB == cost.activation_bytes
+    assert zero2["transient"] * GIB == pytest.approx(
+        transient_bytes(cost.params.trainable("full"), cost.params.largest_module, 2, 8, "fp32")
+        + 3 * cost.largest_exchange_bytes
+    )
+    text = render(cfg, result)
+    assert "sequence parallel 2: 4 data-parallel replicas" in text and "exchanges" in text
+    assert "sequence parallel" not in render(
+        CapacityConfig(**base), estimate(CapacityConfig(**base))
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"sequence_parallel": 3}, "sequence_parallel=3 must be >= 1 and divide num_gpus=8"),
+        ({"sequence_parallel": 0}, "sequence_parallel=0"),
+        ({"link_efficiency": 1.5}, "link_efficiency=1.5"),
+        ({"gpus_per_node": 0}, "gpus_per_node=0"),
+    ],
+)
+def test_bad_sequence_parallel_plans_are_named(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        estimate(CapacityConfig(resolution=[32, 32], num_frames=9, num_gpus=8, **overrides))
+
+
+def test_sequence_parallel_must_divide_the_heads_and_leave_each_rank_a_frame():
+    cfg = CapacityConfig(resolution=[32, 32], num_frames=9, num_gpus=6, sequence_parallel=3)
+    with pytest.raises(ValueError, match=r"does not divide model.dit.num_heads=4.*\[1, 2, 4\]"):
+        estimate(cfg)
+    cfg = CapacityConfig(resolution=[32, 32], num_frames=5, num_gpus=4, sequence_parallel=4)
+    with pytest.raises(ValueError, match="more than the clip's 2 latent frames"):
+        estimate(cfg)
+
+
+def _affine(a: float, b: float, c: float, sp: int, calls: list[int]):
+    def total(latent: int) -> float:
+        calls.append(latent)
+        return a + b * -(-latent // sp) + c * latent
+
+    return total
+
+
+@pytest.mark.parametrize("sp", [1, 2, 3, 8])
+def test_the_longest_clip_search_finds_the_last_frame_count_that_fits(sp):
+    calls: list[int] = []
+    total = _affine(10.0, 0.7, 0.05, sp, calls)
+    expected = max(n for n in range(sp, 2000) if total(n) < 72.0)
+    calls.clear()
+    assert longest_latent_frames(total, 72.0, sp, 2000) == expected
+    # The model's three counts, then the guess and its neighbour.
+    assert len(calls) == (2 if sp == 1 else 3) + 2
+    assert longest_latent_frames(total, 72.0, sp, expected - 5) == expected - 5  # the ceiling
+    assert longest_latent_frames(total, 1.0, sp, 2000) == sp - 1  # nothing fits
+
+
+def test_the_longest_clip_search_walks_to_the_answer_when_memory_is_not_affine():
+    # Quadratic growth: the affine guess from small counts overshoots; exact counts correct it.
+    def total(latent: int) -> float:
+        return 5.0 + 0.002 * latent**2
+
+    expected = max(n for n in range(1, 1000) if total(n) < 70.0)
+    assert longest_latent_frames(total, 70.0, 1, 1000) == expected
+    # Concave growth: the guess falls short; the search doubles up from it.
+    assert longest_latent_frames(lambda n: 5.0 + 3.0 * n**0.5, 70.0, 2, 1000) == 469
+
+
+def test_the_longest_clip_table_marks_sizes_the_heads_refuse(monkeypatch):
+    # A 0.25 GB GPU, so that the tiny model runs out at a few dozen frames.
+    monkeypatch.setitem(capacity.GPU_MEMORY_GB, "H100", 0.25)
+    cfg = CapacityConfig(resolution=[64, 64], num_gpus=2, precision="fp32", longest_modes=["full"])
+    cfg.longest_sp_sizes = [1, 2, 3]
+    [row] = longest_clip_table(cfg, {"tiny": ModelConfig()})
+    frames = row["frames"]
+    assert frames[3] is None  # 4 heads
+    encoders = sum(encoder_parameter_counts(ModelConfig()).values())
+    for sp in (1, 2):
+        latent = 1 + (frames[sp] - 1) // 4
+        gib = [
+            capacity._gib_per_gpu(cfg, ModelConfig(), encoders, "full", sp, n)
+            for n in (latent, latent + 1)
+        ]
+        assert gib[0] < 0.9 * 0.25 <= gib[1], (sp, frames[sp], gib)
+    assert frames[2] > frames[1]
+    text = render_longest_clips(cfg, [row])
+    assert text.splitlines()[-1] == (
+        f"| tiny | full | {frames[1]} ({frames[1] / 25:.1f} s) | {frames[2]} "
+        f"({frames[2] / 25:.1f} s) | - |"
+    )

@@ -117,15 +117,19 @@ def test_frozen_base_backward_follows_the_derived_rule():
         ("tiny", {"depth": 5}),
     ],
 )
-def test_depth_extrapolation_equals_the_full_count(preset, blocks):
+@pytest.mark.parametrize("sequence_parallel", [1, 2])
+def test_depth_extrapolation_equals_the_full_count(preset, blocks, sequence_parallel):
     cfg = with_block_counts(model_preset(preset, ["model.dit.gradient_checkpointing=true"]), blocks)
-    inputs = denoiser_inputs(cfg, (32, 32), 5, 4)
-    direct = _pass_figures(cfg, inputs, "lora", RANK, torch.float32)
-    cost = _count(cfg, (32, 32), 5, 4, "lora", RANK, "fp32")
-    forward, train, saved, kept, checkpointed = direct
+    inputs = denoiser_inputs(cfg, (32, 32), 9, 4)
+    spec = (inputs, "lora", RANK, torch.float32, sequence_parallel)
+    direct = _pass_figures(cfg, *spec)
+    cost = _count(cfg, (32, 32), 9, 4, "lora", RANK, "fp32", sequence_parallel)
+    forward, train, saved, kept, sent, largest, checkpointed = direct
     assert checkpointed == sum(blocks.values())
     assert (cost.forward_flops, cost.train_flops, cost.saved_bytes) == (forward, train, saved)
     assert cost.activation_bytes == kept + (saved - kept) // checkpointed
+    assert (cost.sent_bytes, cost.largest_exchange_bytes) == (sent, largest)
+    assert (sent > 0) == (sequence_parallel > 1)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "wan_tiny", "hunyuan_video_tiny"])
