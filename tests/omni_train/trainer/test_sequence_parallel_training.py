@@ -278,4 +278,6 @@ def test_foundation_backbones_train_and_validate_sequence_parallel_as_one_rank(
     clip = Path("validation") / f"step_{MAX_STEPS:08d}" / "clip_0.mp4"
     frames = [video_frames(tmp_path / f"ranks_{n}" / clip) for n in (1, 2)]
     assert frames[0].shape == frames[1].shape == (9, 32, 32, 3)
-    assert (frames[0] == frames[1]).all()
+    # The weights agree up to float rounding: a pixel may come out a level or two off through the
+    # mp4's encoding (other sampling noise puts pixels ~70 levels apart).
+    assert abs(frames[0].astype(int) - frames[1]).max() <= 2
