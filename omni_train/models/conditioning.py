@@ -81,10 +81,15 @@ class AudioProjector(nn.Module):
         )
         self.slot_embedding = nn.Parameter(torch.randn(self.tokens_per_frame, hidden_size) * 0.02)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        frames = latent_frames(features.shape[1])
-        index = audio_window_indices(frames, self.window).to(features.device)
-        windows = features[:, index]  # (B, L, K, Da)
+    def forward(
+        self, features: torch.Tensor, frames: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """All latent frames' tokens, or those of latent frames ``frames`` = (start, stop)
+        (a sequence-parallel rank's: the same values, only their windows projected)."""
+        index = audio_window_indices(latent_frames(features.shape[1]), self.window)
+        if frames is not None:
+            index = index[frames[0] : frames[1]]
+        windows = features[:, index.to(features.device)]  # (B, L, K, Da)
         return self.mlp(windows) + self.slot_embedding
 
 
@@ -139,16 +144,47 @@ class PoseGuider(nn.Module):
         )
         self.proj_out = nn.Conv3d(hidden, cfg.out_channels, kernel_size=1)
 
-    def forward(self, heatmaps: torch.Tensor) -> torch.Tensor:
+    @property
+    def history_latent_frames(self) -> int:
+        """Latent frames before a latent frame that its features depend on (the causal convs'
+        receptive field, in pixel frames, rounded up to latent frames)."""
+        pixels, stride = 0, 1
+        for down in self.down:
+            pixels += (down.conv.kernel_size[0] - 1) * stride
+            stride *= down.conv.stride[0]
+        return -(-pixels // TEMPORAL_STRIDE)
+
+    def forward(
+        self, heatmaps: torch.Tensor, frames: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Features of every latent frame, or of latent frames ``frames`` = (start, stop)
+        only: a sequence-parallel rank's, equal to those of the whole clip, computed from the
+        pixel frames they depend on (their neighbours' and the convs' history; the clip's
+        start and end pad as for the whole clip)."""
         check_pixel_frames(heatmaps.shape[2])
         if heatmaps.shape[-2] % SPATIAL_STRIDE or heatmaps.shape[-1] % SPATIAL_STRIDE:
             raise ValueError(
                 f"pose heatmaps {tuple(heatmaps.shape)}: H and W must divide by {SPATIAL_STRIDE}"
             )
-        x = heatmaps
+        total = latent_frames(heatmaps.shape[2])
+        start, stop = (0, total) if frames is None else frames
+        if not 0 <= start < stop <= total:
+            raise ValueError(f"latent frames {start}:{stop} are not within the clip's {total}")
+        n = self.neighbor_frames
+        low, high = max(start - n, 0), min(stop + n, total)  # frames whose features are stacked
+        # From a latent-frame boundary: the convs' outputs before ``low`` (whose history the
+        # slice cuts) are dropped.
+        first = max(low - self.history_latent_frames, 0)
+        x = heatmaps[:, :, TEMPORAL_STRIDE * first : pixel_frames(high)]
         for conv in self.down:
             x = F.silu(conv(x))
-        return stack_neighbor_frames(self.proj_out(x), self.neighbor_frames)
+        features = self.proj_out(x)[:, :, low - first :]
+        if frames is None:
+            return stack_neighbor_frames(features, n)
+        # Zeros only beyond the clip's ends, as stack_neighbor_frames pads the whole clip.
+        padded = F.pad(features, (0, 0, 0, 0, low - (start - n), stop + n - high))
+        count = stop - start
+        return torch.cat([padded[:, :, k : k + count] for k in range(2 * n + 1)], dim=1)
 
 
 def condition_flags(
@@ -173,13 +209,22 @@ def pose_features(
     pose_on: torch.Tensor,
     latent_shape: torch.Size,
     dtype: torch.dtype,
+    frames: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The pose guider's features on the latent grid, zero for samples with pose off (or none)."""
-    batch, _, frames, height, width = latent_shape
+    """The pose guider's features on the latent grid, zero for samples with pose off (or none);
+    of latent frames ``frames`` = (start, stop) only, when given (a sequence-parallel rank's)."""
+    batch, _, total, height, width = latent_shape
+    start, stop = (0, total) if frames is None else frames
     if heatmaps is None:
-        zeros_shape = (batch, guider.out_channels, frames, height, width)
+        zeros_shape = (batch, guider.out_channels, stop - start, height, width)
         return torch.zeros(zeros_shape, dtype=dtype, device=pose_on.device)
-    features = guider(heatmaps.to(dtype))
+    if latent_frames(heatmaps.shape[2]) != total:
+        raise ValueError(
+            f"pose heatmaps {tuple(heatmaps.shape)} have {heatmaps.shape[2]} pixel frames; "
+            f"{total} latent frames need {pixel_frames(total)}"
+        )
+    features = guider(heatmaps.to(dtype), frames)
+    frames = stop - start
     if features.shape[2:] != (frames, height, width):
         raise ValueError(
             f"pose heatmaps {tuple(heatmaps.shape)} give features on a "
@@ -195,9 +240,13 @@ def audio_tokens(
     audio_on: torch.Tensor,
     frames: int,
     dtype: torch.dtype,
+    own_frames: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(B, L, K, hidden) audio tokens per latent frame; the learned null where audio is off."""
-    null = null_audio.expand(audio_on.shape[0], frames, -1, -1)
+    """(B, L, K, hidden) audio tokens per latent frame of the ``frames``-frame clip; the
+    learned null where audio is off. Of latent frames ``own_frames`` = (start, stop) only,
+    when given (a sequence-parallel rank's)."""
+    start, stop = (0, frames) if own_frames is None else own_frames
+    null = null_audio.expand(audio_on.shape[0], stop - start, -1, -1)
     if features is None:
         return null
     if latent_frames(features.shape[1]) != frames:
@@ -205,5 +254,5 @@ def audio_tokens(
             f"audio features have {features.shape[1]} pixel frames; {frames} latent frames "
             f"need {1 + 4 * (frames - 1)}"
         )
-    tokens = projector(features.to(dtype))
+    tokens = projector(features.to(dtype), own_frames)
     return torch.where(audio_on[:, None, None, None], tokens, null)

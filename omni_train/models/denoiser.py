@@ -146,11 +146,21 @@ class OmniDenoiser(nn.Module):
         dtype = self.patch_embed.weight.dtype
         grid_h, grid_w = height // patch, width // patch
 
-        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
-        frame_tokens = self.patch_embed(patchify(noisy.to(dtype), patch))
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            check_heads(self.num_heads, sequence_parallel.size, "model.dit.num_heads")
+            shard = sequence_parallel.shard_frames(frames, grid_h * grid_w)
+        # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
+        # frames only; the reference, text and timestep are computed by every rank.
+        own = None if shard is None else (shard.start, shard.stop)
+        start, stop = own or (0, frames)
+        pose = pose_features(
+            self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype, own
+        )
+        frame_tokens = self.patch_embed(patchify(noisy[:, :, start:stop].to(dtype), patch))
         frame_tokens = frame_tokens + self.pose_patch_embed(patchify(pose, patch))
         # Applied even with no motion frames, so the parameter always gets a (zero) gradient.
-        is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
+        is_motion = torch.arange(start, stop, device=noisy.device) < num_motion_latents
         is_motion = is_motion.repeat_interleave(grid_h * grid_w).to(dtype)
         frame_tokens = frame_tokens + is_motion[:, None] * self.motion_embedding
         ref_tokens = self.patch_embed(patchify(ref_latents.to(dtype), patch))
@@ -158,25 +168,27 @@ class OmniDenoiser(nn.Module):
         video = torch.cat([frame_tokens, ref_tokens], dim=1)
 
         text_tokens, text_keys = self._text_tokens(text, text_mask, flags["text"], dtype)
-        video_keys = text_keys.new_ones(batch, video.shape[1])
+        # Keys of the whole sequence (under SP, attention gathers every rank's frames).
+        video_keys = text_keys.new_ones(batch, frames * grid_h * grid_w + ref_tokens.shape[1])
         key_mask = torch.cat([text_keys, video_keys], dim=1)[:, None, None, :]
         audio = audio_tokens(
-            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+            self.audio_projector,
+            self.null_audio,
+            audio_features,
+            flags["audio"],
+            frames,
+            dtype,
+            own,
         )
         cond = self.timestep_embed(timesteps.to(noisy.device))
         positions = video_stream_positions(frames, grid_h, grid_w).to(noisy.device)
         rope_cos, rope_sin = rope_cos_sin(positions, self.rope_axes, self.rope_theta, dtype)
         num_frame_tokens = frame_tokens.shape[1]
-
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            check_heads(self.num_heads, sequence_parallel.size, "model.dit.num_heads")
-            shard = sequence_parallel.shard_frames(frames, grid_h * grid_w)
-            video = shard.local_rows(video, 1, num_frame_tokens)
-            rope_cos = shard.local_rows(rope_cos, 0, num_frame_tokens)
-            rope_sin = shard.local_rows(rope_sin, 0, num_frame_tokens)
-            audio = audio[:, shard.start : shard.stop]
-            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
+        if shard is not None:
+            every_frame = frames * grid_h * grid_w
+            rope_cos = shard.local_rows(rope_cos, 0, every_frame)
+            rope_sin = shard.local_rows(rope_sin, 0, every_frame)
+            frames = stop - start
 
         patches = self.backbone(
             text_tokens,

@@ -138,6 +138,18 @@ class HunyuanOmniDenoiser(nn.Module):
         per_frame = grid_h * grid_w
         num_frame_tokens = frames * per_frame
 
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            heads = base.config.num_attention_heads
+            check_heads(
+                heads, sequence_parallel.size, "the HunyuanVideo backbone's num_attention_heads"
+            )
+            shard = sequence_parallel.shard_frames(frames, per_frame)
+        # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
+        # frames only; the reference, text, timestep and guidance are computed by every rank.
+        own = None if shard is None else (shard.start, shard.stop)
+        start, stop = own or (0, frames)
+
         rope_cos, rope_sin = base.rope(noisy)
         # The reference's rows: latent frame 0's (temporal index 0, same h and w).
         rope = (
@@ -159,11 +171,13 @@ class HunyuanOmniDenoiser(nn.Module):
         text_tokens, text_keys = self._text(text, text_mask, flags["text"], dtype)
         context = base.context_embedder(text_tokens, timestep, text_keys)
 
-        frame_tokens = base.x_embedder(noisy.to(dtype))
-        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        frame_tokens = base.x_embedder(noisy[:, :, start:stop].to(dtype))
+        pose = pose_features(
+            self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype, own
+        )
         frame_tokens = frame_tokens + self.pose_patch_embed(pose).flatten(2).transpose(1, 2)
         # Applied even with no motion frames, so the parameter always gets a (zero) gradient.
-        is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
+        is_motion = torch.arange(start, stop, device=noisy.device) < num_motion_latents
         is_motion = is_motion.repeat_interleave(per_frame).to(dtype)
         frame_tokens = frame_tokens + is_motion[:, None] * self.motion_embedding
         ref_tokens = base.x_embedder(ref_latents.to(dtype))
@@ -174,20 +188,18 @@ class HunyuanOmniDenoiser(nn.Module):
         ref_keys = flags["ref"][:, None].expand(-1, per_frame)
         key_mask = torch.cat([frame_keys, ref_keys, text_keys], dim=1)[:, None, None, :]
         audio = audio_tokens(
-            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+            self.audio_projector,
+            self.null_audio,
+            audio_features,
+            flags["audio"],
+            frames,
+            dtype,
+            own,
         )
 
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            heads = base.config.num_attention_heads
-            check_heads(
-                heads, sequence_parallel.size, "the HunyuanVideo backbone's num_attention_heads"
-            )
-            shard = sequence_parallel.shard_frames(frames, per_frame)
-            hidden = shard.local_rows(hidden, 1, num_frame_tokens)
+        if shard is not None:
             rope = tuple(shard.local_rows(table, 0, num_frame_tokens) for table in rope)
-            audio = audio[:, shard.start : shard.stop]
-            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
+            frames, num_frame_tokens = stop - start, shard.num_tokens
 
         blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
         for block, audio_attn in zip(blocks, self.audio_attn, strict=True):

@@ -1,12 +1,14 @@
 """Ulysses sequence parallelism: the ranks of a sequence-parallel (SP) group share one sample and
 split its latent frames; joint attention trades the frame shard for a head shard and back.
 
-Layout. Every SP rank holds the same sample and computes every embedding (patch embedding,
-pose guider, audio, text, timestep: cheap next to the transformer). It then keeps only its
-contiguous run of whole latent frames (``FrameShard``): L frames over N ranks give the first
-L mod N ranks one frame more than the others, so no token is padded and the frame-local audio
-cross-attention needs no communication. Everything else (text tokens, the reference tokens,
-the conditioning vector) stays replicated: each rank computes it in full.
+Layout. Every SP rank holds the same sample and keeps a contiguous run of whole latent frames
+(``FrameShard``): L frames over N ranks give the first L mod N ranks one frame more than the
+others, so no token is padded. The frame-local embeddings are computed for those frames only:
+the patch embedding, the pose guider (from the pixel frames its causal convolutions and the
+neighbour stacking reach, conditioning.PoseGuider), the motion-frame flag and the audio tokens,
+so the frame-local audio cross-attention needs no communication either. Everything else (text
+tokens, the reference tokens, the conditioning vector) stays replicated: each rank computes it
+in full.
 
 Attention (``ulysses_attention``). q/k/v of the frame tokens go through an all-to-all that
 scatters heads and gathers the sequence: each rank then holds every frame token for

@@ -117,21 +117,33 @@ class WanOmniDenoiser(nn.Module):
         grid_h, grid_w = height // patch_h, width // patch_w
         per_frame = grid_h * grid_w
 
+        shard = None
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            heads = base.config.num_attention_heads
+            check_heads(heads, sequence_parallel.size, "the Wan backbone's num_attention_heads")
+            shard = sequence_parallel.shard_frames(frames, per_frame)
+        # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
+        # frames only; the reference, text and timestep are computed by every rank.
+        own = None if shard is None else (shard.start, shard.stop)
+        start, stop = own or (0, frames)
+
         rope_cos, rope_sin = base.rope(noisy)
         # The reference's rows: latent frame 0's (temporal index 0, same h and w).
         rope = (
             torch.cat([rope_cos, rope_cos[:, :per_frame]], dim=1),
             torch.cat([rope_sin, rope_sin[:, :per_frame]], dim=1),
         )
-        frame_tokens = _tokens(base.patch_embedding(noisy.to(dtype)))
-        pose = pose_features(self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype)
+        frame_tokens = _tokens(base.patch_embedding(noisy[:, :, start:stop].to(dtype)))
+        pose = pose_features(
+            self.pose_guider, pose_heatmaps, flags["pose"], noisy.shape, dtype, own
+        )
         frame_tokens = frame_tokens + _tokens(self.pose_patch_embed(pose))
-        is_motion = torch.arange(frames, device=noisy.device) < num_motion_latents
+        is_motion = torch.arange(start, stop, device=noisy.device) < num_motion_latents
         is_motion = is_motion.repeat_interleave(per_frame).to(dtype)
         frame_tokens = frame_tokens + is_motion[:, None] * self.motion_embedding
         ref_tokens = _tokens(base.patch_embedding(ref_latents.to(dtype)))
         hidden = torch.cat([frame_tokens, ref_tokens], dim=1).contiguous()
-        num_frame_tokens = frame_tokens.shape[1]
+        num_frame_tokens = frames * per_frame
         self_mask = _reference_key_mask(flags["ref"], num_frame_tokens, ref_tokens.shape[1])
 
         temb, timestep_proj, context, _ = base.condition_embedder(
@@ -139,18 +151,18 @@ class WanOmniDenoiser(nn.Module):
         )
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
         audio = audio_tokens(
-            self.audio_projector, self.null_audio, audio_features, flags["audio"], frames, dtype
+            self.audio_projector,
+            self.null_audio,
+            audio_features,
+            flags["audio"],
+            frames,
+            dtype,
+            own,
         )
 
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            heads = base.config.num_attention_heads
-            check_heads(heads, sequence_parallel.size, "the Wan backbone's num_attention_heads")
-            shard = sequence_parallel.shard_frames(frames, per_frame)
-            hidden = shard.local_rows(hidden, 1, num_frame_tokens)
+        if shard is not None:
             rope = tuple(shard.local_rows(table, 1, num_frame_tokens) for table in rope)
-            audio = audio[:, shard.start : shard.stop]
-            frames, num_frame_tokens = shard.stop - shard.start, shard.num_tokens
+            frames, num_frame_tokens = stop - start, shard.num_tokens
 
         for block, audio_attn in zip(base.blocks, self.audio_attn, strict=True):
             args = (hidden, context, timestep_proj, rope, self_mask, audio, num_frame_tokens)

@@ -7,6 +7,7 @@ from omni_train.models.conditioning import (
     TimestepEmbedding,
     audio_window_indices,
     latent_frames,
+    pixel_frames,
     stack_neighbor_frames,
 )
 from omni_train.models.config import PoseGuiderConfig
@@ -84,3 +85,28 @@ def test_pose_guider_is_causal_in_time():
     first = heatmaps.clone()
     first[:, :, 0] = 0.0
     assert (guider(first) - base)[:, :, 0].abs().max() > 0  # frame 0 is seen by latent frame 0
+
+
+@pytest.mark.parametrize("neighbors", [0, 1, 2])
+def test_a_frame_range_of_pose_features_equals_that_range_of_the_whole_clips(neighbors):
+    # What a sequence-parallel rank computes from its frames' heatmaps alone.
+    torch.manual_seed(0)
+    guider = PoseGuider(PoseGuiderConfig(num_keypoints=3, neighbor_frames=neighbors)).double()
+    assert guider.history_latent_frames == 2  # pixel frames 4j - 8 .. 4j feed latent frame j
+    heatmaps = torch.rand(2, 3, pixel_frames(7), 16, 16, dtype=torch.float64)
+    whole = guider(heatmaps)
+    for start, stop in [(0, 7), (0, 3), (3, 5), (4, 7), (6, 7), (1, 2), (2, 6)]:
+        part = guider(heatmaps, (start, stop))
+        # float64: only the convolutions' summation order may differ.
+        torch.testing.assert_close(part, whole[:, :, start:stop], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="latent frames 5:9 are not within the clip's 7"):
+        guider(heatmaps, (5, 9))
+
+
+def test_a_frame_range_of_audio_tokens_equals_that_range_of_the_whole_clips():
+    torch.manual_seed(0)
+    projector = AudioProjector(feature_dim=5, hidden_size=8, window=2).double()
+    features = torch.rand(2, pixel_frames(6), 5, dtype=torch.float64)
+    whole = projector(features)
+    for start, stop in [(0, 2), (2, 6), (5, 6)]:
+        assert torch.equal(projector(features, (start, stop)), whole[:, start:stop])
