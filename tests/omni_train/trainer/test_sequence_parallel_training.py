@@ -199,8 +199,10 @@ def test_a_resume_with_another_sequence_parallel_size_deals_the_data_out_again(
 
 
 # The diffusers backbones: (experiment, ZeRO stage, fine-tuning mode). The LoRA run under ZeRO-3
-# also computes the validation loss and samples a validation clip.
-FOUNDATION_CASES = [("wan_smoke", 3, "lora"), ("hunyuan_video_smoke", 2, "full")]
+# also computes the validation loss and samples a validation clip. HunyuanVideo's SP forward
+# and gradients are held to the unsharded ones in tests/omni_train/models (its training run,
+# full under ZeRO-2, also equals one rank's: left out for the suite's time).
+FOUNDATION_CASES = [("wan_smoke", 3, "lora")]
 
 
 def validation_overrides(shards: str) -> tuple[str, ...]:
