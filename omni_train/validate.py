@@ -4,9 +4,11 @@ before any process group or worker starts."""
 from __future__ import annotations
 
 from omni_train.config import TrainConfig
-from omni_train.contracts import SPATIAL_STRIDE
+from omni_train.contracts import SPATIAL_STRIDE, latent_frames, pixel_frames
 from omni_train.curriculum import validate_curriculum
 from omni_train.data.stream import shard_list
+from omni_train.models.denoiser import attention_heads
+from omni_train.models.sequence_parallel import check_heads
 from omni_train.trainer.ds_config import deepspeed_config
 from omni_train.trainer.lr_schedule import validate_schedule
 
@@ -24,12 +26,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
         cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    sequence_parallel = cfg.trainer.sequence_parallel
-    if world_size % sequence_parallel:
-        raise ConfigError(
-            f"trainer.sequence_parallel={sequence_parallel} must divide the world size "
-            f"{world_size} (world size = data-parallel size x trainer.sequence_parallel)"
-        )
+    _validate_sequence_parallel(cfg, world_size)
     patch = cfg.model.dit.patch_size
     for axis, size in zip(("height", "width"), cfg.data.resolution, strict=True):
         if size % (SPATIAL_STRIDE * patch):
@@ -45,6 +42,37 @@ def validate_train_config(cfg: TrainConfig, world_size: int) -> None:
             shard_list(source.shards)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
+
+
+def _validate_sequence_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """The world splits into groups of trainer.sequence_parallel ranks, which split the heads
+    and each clip's latent frames."""
+    sequence_parallel = cfg.trainer.sequence_parallel
+    if world_size % sequence_parallel:
+        raise ConfigError(
+            f"trainer.sequence_parallel={sequence_parallel} must divide the world size "
+            f"{world_size} (world size = data-parallel size x trainer.sequence_parallel)"
+        )
+    if sequence_parallel == 1:
+        return
+    heads, setting = attention_heads(cfg.model)
+    try:
+        check_heads(heads, sequence_parallel, setting)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    # Clips come in data.num_frames, or in the buckets' lengths when there are buckets.
+    lengths = [
+        (f"data.buckets.{i}.num_frames", bucket.num_frames)
+        for i, bucket in enumerate(cfg.data.buckets)
+    ] or [("data.num_frames", cfg.data.num_frames)]
+    for key, frames in lengths:
+        if latent_frames(frames) < sequence_parallel:
+            raise ConfigError(
+                f"trainer.sequence_parallel={sequence_parallel} is more than the "
+                f"{latent_frames(frames)} latent frames of {key}={frames}: every "
+                f"sequence-parallel rank needs a whole frame (use at least "
+                f"{pixel_frames(sequence_parallel)} frames, or a smaller sequence_parallel)"
+            )
 
 
 def _validate_val_data(cfg: TrainConfig) -> None:

@@ -243,6 +243,26 @@ def build_denoiser(cfg: ModelConfig) -> nn.Module:
     return denoiser
 
 
+def attention_heads(cfg: ModelConfig) -> tuple[int, str]:
+    """(heads, the setting that sets them) of the denoiser's joint attention, read from the
+    config (a family's from its transformer's config, without building it)."""
+    family = cfg.backbone.family
+    if not family:
+        return cfg.dit.num_heads, "model.dit.num_heads"
+    from omni_train.models.foundation_backbone import transformer_config_value
+
+    if family == "wan":
+        from omni_train.models.wan_denoiser import WAN_CLASS as class_name
+
+        name = "the Wan backbone's num_attention_heads"
+    else:
+        from omni_train.models.hunyuan_denoiser import HUNYUAN_CLASS as class_name
+
+        name = "the HunyuanVideo backbone's num_attention_heads"
+    heads = transformer_config_value(class_name, cfg.backbone, "num_attention_heads")
+    return int(heads), name
+
+
 def count_parameters(module: nn.Module) -> dict[str, int]:
     """Parameter counts per top-level child (and direct parameter), plus total and trainable."""
     counts = {

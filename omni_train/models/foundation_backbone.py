@@ -9,12 +9,19 @@ defaults updated by ``model.backbone.diffusers_config``. The family's wrapper
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from omni_train.models.config import BackboneConfig
-from omni_train.models.diffusers_loading import load_diffusers_model, model_directory
+from omni_train.models.diffusers_loading import (
+    diffusers_class,
+    load_diffusers_model,
+    model_directory,
+)
 
 
 def load_diffusers_transformer(class_name: str, cfg: BackboneConfig) -> nn.Module:
@@ -29,6 +36,19 @@ def load_diffusers_transformer(class_name: str, cfg: BackboneConfig) -> nn.Modul
             "set model.backbone.family to the family of that checkpoint (or model= its preset)"
         ),
     )
+
+
+def transformer_config_value(class_name: str, cfg: BackboneConfig, key: str) -> Any:
+    """One config value of the family's transformer without building it: the pretrained
+    directory's config.json, else model.backbone.diffusers_config, else the class default."""
+    if cfg.pretrained:
+        directory, subfolder = transformer_directory(cfg.pretrained)
+        saved = json.loads((directory / (subfolder or "") / "config.json").read_text())
+        if key in saved:
+            return saved[key]
+    if key in cfg.diffusers_config:
+        return cfg.diffusers_config[key]
+    return inspect.signature(diffusers_class(class_name).__init__).parameters[key].default
 
 
 def transformer_directory(pretrained: str) -> tuple[Path, str | None]:

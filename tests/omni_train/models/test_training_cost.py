@@ -12,7 +12,7 @@ import torch
 
 from omni_train.describe import model_preset
 from omni_train.models.config import DiTConfig, ModelConfig, PoseGuiderConfig
-from omni_train.models.denoiser import build_denoiser
+from omni_train.models.denoiser import attention_heads, build_denoiser
 from omni_train.models.finetune import FINETUNE_MODES, apply_finetune_mode, is_lora_parameter
 from omni_train.models.flops import (
     Flops,
@@ -237,3 +237,9 @@ def test_a_pretrained_family_base_is_counted_from_its_config_without_loading(tmp
     meta = build_on_meta(pretrained)
     assert all(p.is_meta for p in meta.parameters())
     assert parameter_counts(meta, RANK) == parameter_counts(build_on_meta(cfg), RANK)
+    # The heads sequence parallelism splits, read from the same places without building.
+    assert attention_heads(pretrained) == (2, "the Wan backbone's num_attention_heads")
+    defaults = dataclasses.replace(cfg.backbone, diffusers_config={})
+    assert attention_heads(dataclasses.replace(cfg, backbone=defaults))[0] == 40  # Wan2.1 14B
+    assert attention_heads(model_preset("hunyuan_video_13b"))[0] == 24
+    assert attention_heads(ModelConfig()) == (4, "model.dit.num_heads")

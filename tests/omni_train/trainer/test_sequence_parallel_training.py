@@ -182,6 +182,42 @@ def test_a_world_size_that_sequence_parallel_does_not_divide_fails_before_traini
         validate_train_config(cfg, world_size=2)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ("trainer.sequence_parallel=3",),
+            r"=3 does not divide model.dit.num_heads=4 .*use one of \[1, 2, 4\]",
+        ),
+        (
+            ("experiment=wan_smoke", "trainer.sequence_parallel=4"),
+            r"=4 does not divide the Wan backbone's num_attention_heads=2 .*\[1, 2\]",
+        ),
+        (
+            ("trainer.sequence_parallel=4", "data.num_frames=9"),
+            r"=4 is more than the 3 latent frames of data.num_frames=9.*at least 13 frames",
+        ),
+        (
+            (
+                "trainer.sequence_parallel=2",
+                "data.buckets=[{resolution:[32,32],num_frames:17,batch_size:1},"
+                "{resolution:[32,32],num_frames:1,batch_size:1}]",
+            ),
+            r"=2 is more than the 1 latent frames of data.buckets.1.num_frames=1",
+        ),
+    ],
+)
+def test_heads_or_clips_sequence_parallel_cannot_split_fail_before_any_rank_starts(
+    shards, extra, message
+):
+    from omni_train.testing import compose_train_config
+    from omni_train.validate import ConfigError, validate_train_config
+
+    cfg, _ = compose_train_config(overrides(Path("/unused"), shards, *extra))
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(cfg, world_size=12)
+
+
 def test_a_resume_with_another_sequence_parallel_size_deals_the_data_out_again(
     sharded, shards, tmp_path
 ):
