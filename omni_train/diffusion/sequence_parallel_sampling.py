@@ -45,18 +45,6 @@ def frame_counts(frames: int, size: int) -> list[int]:
     return [stop - start for start, stop in pairwise(starts)]
 
 
-def attention_heads(denoiser: torch.nn.Module) -> tuple[int, str] | None:
-    """The denoiser's attention heads and the setting naming them (None when unknown)."""
-    if hasattr(denoiser, "num_heads"):
-        return int(denoiser.num_heads), "model.dit.num_heads"
-    config = getattr(getattr(denoiser, "base", None), "config", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if heads is None:
-        return None
-    family = "HunyuanVideo" if "Hunyuan" in type(denoiser).__name__ else "Wan"
-    return int(heads), f"the {family} backbone's num_attention_heads"
-
-
 def check_model(denoiser: torch.nn.Module, size: int, latent_frames: int, segment: int) -> None:
     """Refuse, before any sampling, an SP size the heads or a segment's frames cannot take."""
     if size <= 1:
@@ -67,12 +55,9 @@ def check_model(denoiser: torch.nn.Module, size: int, latent_frames: int, segmen
             f"{segment}-frame segment: every sequence-parallel rank needs at least one whole "
             f"frame; use longer segments or a smaller {SETTING}"
         )
-    found = attention_heads(denoiser)
-    if found is None:
-        return
-    heads, setting = found
     try:
-        check_heads(heads, size, setting)
+        # Every denoiser family names its heads and the setting that sets them.
+        check_heads(denoiser.num_heads, size, denoiser.heads_setting)
     except ValueError as err:  # its message names the training setting
         raise ValueError(str(err).replace("trainer.sequence_parallel", SETTING)) from None
 

@@ -55,6 +55,9 @@ def video_stream_positions(frames: int, grid_h: int, grid_w: int) -> torch.Tenso
 
 
 class OmniDenoiser(nn.Module):
+    # The setting that sets the joint attention's heads (sequence parallelism splits them).
+    heads_setting = "model.dit.num_heads"
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         dit = cfg.dit
@@ -148,7 +151,7 @@ class OmniDenoiser(nn.Module):
 
         shard = None
         if sequence_parallel is not None and sequence_parallel.size > 1:
-            check_heads(self.num_heads, sequence_parallel.size, "model.dit.num_heads")
+            check_heads(self.num_heads, sequence_parallel.size, self.heads_setting)
             shard = sequence_parallel.shard_frames(frames, grid_h * grid_w)
         # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
         # frames only; the reference, text and timestep are computed by every rank.
@@ -248,19 +251,17 @@ def attention_heads(cfg: ModelConfig) -> tuple[int, str]:
     config (a family's from its transformer's config, without building it)."""
     family = cfg.backbone.family
     if not family:
-        return cfg.dit.num_heads, "model.dit.num_heads"
+        return cfg.dit.num_heads, OmniDenoiser.heads_setting
     from omni_train.models.foundation_backbone import transformer_config_value
 
     if family == "wan":
         from omni_train.models.wan_denoiser import WAN_CLASS as class_name
-
-        name = "the Wan backbone's num_attention_heads"
+        from omni_train.models.wan_denoiser import WanOmniDenoiser as wrapper
     else:
         from omni_train.models.hunyuan_denoiser import HUNYUAN_CLASS as class_name
-
-        name = "the HunyuanVideo backbone's num_attention_heads"
+        from omni_train.models.hunyuan_denoiser import HunyuanOmniDenoiser as wrapper
     heads = transformer_config_value(class_name, cfg.backbone, "num_attention_heads")
-    return int(heads), name
+    return int(heads), wrapper.heads_setting
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:

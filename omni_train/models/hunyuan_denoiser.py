@@ -66,6 +66,12 @@ LORA_TARGET_MODULES = (
 
 
 class HunyuanOmniDenoiser(nn.Module):
+    heads_setting = "the HunyuanVideo backbone's num_attention_heads"
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.base.config.num_attention_heads)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.base = load_diffusers_transformer(HUNYUAN_CLASS, cfg.backbone)
@@ -140,10 +146,7 @@ class HunyuanOmniDenoiser(nn.Module):
 
         shard = None
         if sequence_parallel is not None and sequence_parallel.size > 1:
-            heads = base.config.num_attention_heads
-            check_heads(
-                heads, sequence_parallel.size, "the HunyuanVideo backbone's num_attention_heads"
-            )
+            check_heads(self.num_heads, sequence_parallel.size, self.heads_setting)
             shard = sequence_parallel.shard_frames(frames, per_frame)
         # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
         # frames only; the reference, text, timestep and guidance are computed by every rank.
