@@ -101,8 +101,13 @@ class Slurm:
         seconds after the job is back to PENDING is safe.
         """
         time.sleep(3)
-        if Slurm.job_field(job_id, "JobState") == "PENDING":
-            Slurm.scontrol("update", f"jobid={job_id}", "StartTime=now")
+        if Slurm.job_field(job_id, "JobState") != "PENDING":
+            return
+        update = ["scontrol", "update", f"jobid={job_id}", "StartTime=now"]
+        proc = subprocess.run(update, capture_output=True, text=True)
+        # Slurm may have started it between the two calls: then there is nothing to release.
+        if proc.returncode != 0 and "no longer pending" not in proc.stderr:
+            raise AssertionError(f"{' '.join(update)}: {proc.stderr}")
 
     @staticmethod
     def wait_for(

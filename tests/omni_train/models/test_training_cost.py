@@ -110,14 +110,14 @@ def test_frozen_base_backward_follows_the_derived_rule():
 
 
 @pytest.mark.parametrize(
-    ("preset", "blocks"),
+    ("preset", "blocks", "sequence_parallel"),
     [
-        ("wan_tiny", {"num_layers": 4}),
-        ("hunyuan_video_tiny", {"num_layers": 3, "num_single_layers": 3}),
-        ("tiny", {"depth": 5}),
+        ("wan_tiny", {"num_layers": 4}, 1),
+        ("hunyuan_video_tiny", {"num_layers": 3, "num_single_layers": 3}, 2),
+        ("tiny", {"depth": 5}, 1),
+        ("tiny", {"depth": 5}, 2),
     ],
 )
-@pytest.mark.parametrize("sequence_parallel", [1, 2])
 def test_depth_extrapolation_equals_the_full_count(preset, blocks, sequence_parallel):
     cfg = with_block_counts(model_preset(preset, ["model.dit.gradient_checkpointing=true"]), blocks)
     inputs = denoiser_inputs(cfg, (32, 32), 9, 4)
