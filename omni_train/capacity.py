@@ -412,9 +412,10 @@ def estimate(cfg: CapacityConfig) -> dict[str, Any]:
 
 
 def _clip(cfg: CapacityConfig, checkpointing: str) -> str:
+    sharded = f", sequence parallel {cfg.sequence_parallel}" if cfg.sequence_parallel > 1 else ""
     return (
         f"{cfg.resolution[0]}x{cfg.resolution[1]}, {cfg.num_frames} frames, {cfg.precision}, "
-        f"micro batch {cfg.micro_batch}, {checkpointing}, {cfg.num_gpus} x {cfg.gpu}"
+        f"micro batch {cfg.micro_batch}, {checkpointing}, {cfg.num_gpus} x {cfg.gpu}{sharded}"
     )
 
 

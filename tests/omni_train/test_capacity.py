@@ -262,6 +262,7 @@ def test_a_sequence_parallel_plan_shards_activations_and_adds_the_exchanges():
     )
     text = render(cfg, result)
     assert "sequence parallel 2: 4 data-parallel replicas" in text and "exchanges" in text
+    assert "8 x H100, sequence parallel 2, global batch 4" in text
     assert "sequence parallel" not in render(
         CapacityConfig(**base), estimate(CapacityConfig(**base))
     )
