@@ -251,6 +251,12 @@ def test_own_mmdit_sp2_equals_sp1_on_random_inputs(checkpointing):
     _assert_equal_to_unsharded(run_ranks(_own_mmdit_random_in_rank, 2, checkpointing))
 
 
+def test_own_mmdit_sp4_equals_sp1_on_random_inputs():
+    # 4 ranks, one head each: the 5 latent frames split 2 + 1 + 1 + 1, so the last rank's pose
+    # features come from a slice of the heatmaps that starts mid-clip.
+    _assert_equal_to_unsharded(run_ranks(_own_mmdit_random_in_rank, 4, False))
+
+
 def _real_batch(frames: int = 9, size: int = 32):
     from omni_train.data.batch import Batch
 
