@@ -649,27 +649,28 @@ def longest_clip_table(cfg: CapacityConfig, models: dict[str, ModelConfig]) -> l
     config's resolution whose plan fits one GPU at ZeRO stage longest_zero_stage (ZeRO over
     num_gpus ranks, at least the SP size); None where the SP size does not divide the heads."""
     from omni_train.contracts import pixel_frames
+    from omni_train.models.denoiser import attention_heads
     from omni_train.models.summary import encoder_parameter_counts
 
     memory_gb = _check(cfg)
     if cfg.longest_zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"longest_zero_stage={cfg.longest_zero_stage}: use 0, 1, 2 or 3")
+    if min(cfg.longest_sp_sizes, default=0) < 1:
+        raise ValueError(f"longest_sp_sizes={cfg.longest_sp_sizes}: use sizes of 1 or more")
     rows = []
     for name, model in models.items():
         encoders = sum(encoder_parameter_counts(model).values())
+        heads, _ = attention_heads(model)
         for mode in cfg.longest_modes:
             cells: dict[int, int | None] = {}
             for sp in cfg.longest_sp_sizes:
-                total = partial(_gib_per_gpu, cfg, model, encoders, mode, sp)
-                try:
-                    latent = longest_latent_frames(
-                        total, USABLE_SHARE * memory_gb, sp, MAX_LATENT_FRAMES
-                    )
-                except ValueError as error:
-                    if "does not divide" not in str(error):
-                        raise
-                    cells[sp] = None
+                if heads % sp:
+                    cells[sp] = None  # Ulysses splits the heads
                     continue
+                total = partial(_gib_per_gpu, cfg, model, encoders, mode, sp)
+                latent = longest_latent_frames(
+                    total, USABLE_SHARE * memory_gb, sp, MAX_LATENT_FRAMES
+                )
                 cells[sp] = pixel_frames(latent) if latent >= sp else 0
             rows.append({"model": name, "mode": mode, "frames": cells})
     return rows
