@@ -25,7 +25,7 @@ from omni_train.models.conditioning import (
 from omni_train.models.config import BACKBONE_FAMILIES, ModelConfig
 from omni_train.models.mmdit import MMDiT
 from omni_train.models.rope import grid_positions, rope_cos_sin, validate_rope_axes
-from omni_train.models.sequence_parallel import SequenceParallel, check_heads
+from omni_train.models.sequence_parallel import SequenceParallel, frame_shard
 from omni_train.models.weights import load_strict
 
 
@@ -149,10 +149,9 @@ class OmniDenoiser(nn.Module):
         dtype = self.patch_embed.weight.dtype
         grid_h, grid_w = height // patch, width // patch
 
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            check_heads(self.num_heads, sequence_parallel.size, self.heads_setting)
-            shard = sequence_parallel.shard_frames(frames, grid_h * grid_w)
+        shard = frame_shard(
+            sequence_parallel, frames, grid_h * grid_w, self.num_heads, self.heads_setting
+        )
         # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
         # frames only; the reference, text and timestep are computed by every rank.
         own = None if shard is None else (shard.start, shard.stop)

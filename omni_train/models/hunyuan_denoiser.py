@@ -50,7 +50,7 @@ from omni_train.models.mmdit import FrameAudioCrossAttention
 from omni_train.models.sequence_parallel import (
     FrameShard,
     SequenceParallel,
-    check_heads,
+    frame_shard,
     ulysses_attention,
 )
 
@@ -144,10 +144,9 @@ class HunyuanOmniDenoiser(nn.Module):
         per_frame = grid_h * grid_w
         num_frame_tokens = frames * per_frame
 
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            check_heads(self.num_heads, sequence_parallel.size, self.heads_setting)
-            shard = sequence_parallel.shard_frames(frames, per_frame)
+        shard = frame_shard(
+            sequence_parallel, frames, per_frame, self.num_heads, self.heads_setting
+        )
         # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
         # frames only; the reference, text, timestep and guidance are computed by every rank.
         own = None if shard is None else (shard.start, shard.stop)

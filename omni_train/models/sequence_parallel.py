@@ -67,6 +67,21 @@ class SequenceParallel:
         return FrameShard(self, tuple(starts), tokens_per_frame)
 
 
+def frame_shard(
+    sequence_parallel: SequenceParallel | None,
+    frames: int,
+    tokens_per_frame: int,
+    num_heads: int,
+    heads_setting: str,
+) -> FrameShard | None:
+    """A denoiser's frames on this rank (None without sequence parallelism or at size 1),
+    after checking that the group splits its ``num_heads`` (set by ``heads_setting``)."""
+    if sequence_parallel is None or sequence_parallel.size == 1:
+        return None
+    check_heads(num_heads, sequence_parallel.size, heads_setting)
+    return sequence_parallel.shard_frames(frames, tokens_per_frame)
+
+
 def sequence_parallel_groups(size: int) -> SequenceParallel:
     """Split the default group into SP groups of ``size`` consecutive ranks; this rank's.
 

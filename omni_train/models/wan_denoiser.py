@@ -39,7 +39,7 @@ from omni_train.models.mmdit import FrameAudioCrossAttention
 from omni_train.models.sequence_parallel import (
     FrameShard,
     SequenceParallel,
-    check_heads,
+    frame_shard,
     ulysses_attention,
 )
 
@@ -123,10 +123,9 @@ class WanOmniDenoiser(nn.Module):
         grid_h, grid_w = height // patch_h, width // patch_w
         per_frame = grid_h * grid_w
 
-        shard = None
-        if sequence_parallel is not None and sequence_parallel.size > 1:
-            check_heads(self.num_heads, sequence_parallel.size, self.heads_setting)
-            shard = sequence_parallel.shard_frames(frames, per_frame)
+        shard = frame_shard(
+            sequence_parallel, frames, per_frame, self.num_heads, self.heads_setting
+        )
         # Frame-local embeddings (patches, pose guider, motion flag, audio) of this rank's
         # frames only; the reference, text and timestep are computed by every rank.
         own = None if shard is None else (shard.start, shard.stop)
