@@ -302,24 +302,17 @@ def count_training_pass(
 
 @contextmanager
 def _counting_inside(modules: Sequence[nn.Module], exchanges: ExchangeCount) -> Iterator[list[int]]:
-    """Bytes ``exchanges`` counts while a forward of the modules or of any module inside them
-    runs (a family's wrapper calls its base blocks' parts, not the blocks); nested calls
-    count once."""
+    """Bytes ``exchanges`` counts during each forward of the modules (blocks: never nested)."""
     inside: list[int] = []
-    depth = [0]
 
     def enter(*_: Any) -> None:
-        if depth[0] == 0:
-            inside.append(-exchanges.sent_bytes)
-        depth[0] += 1
+        inside.append(-exchanges.sent_bytes)
 
     def leave(*_: Any) -> None:
-        depth[0] -= 1
-        if depth[0] == 0:
-            inside[-1] += exchanges.sent_bytes
+        inside[-1] += exchanges.sent_bytes
 
     handles = []
-    for module in {id(m): m for block in modules for m in block.modules()}.values():
+    for module in modules:
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
         yield inside
