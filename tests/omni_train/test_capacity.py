@@ -11,25 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni_train import capacity, longest_clip
+from omni_train import capacity
 from omni_train.capacity import (
     GIB,
     TABLE_SETUPS,
     CapacityConfig,
     estimate,
     exchange_seconds,
+    longest_clip_table,
+    longest_latent_frames,
     memory_per_gpu,
     model_state_bytes,
     persistent_params,
     plan_cost,
     render,
+    render_longest_clips,
     render_table,
     render_table_summary,
     transient_bytes,
     vram_table,
 )
 from omni_train.describe import model_preset
-from omni_train.longest_clip import longest_clip_table, longest_latent_frames, render_longest_clips
 from omni_train.models.config import ModelConfig
 from omni_train.models.denoiser import build_denoiser
 from omni_train.models.summary import encoder_parameter_counts
@@ -333,7 +335,7 @@ def test_the_longest_clip_table_marks_sizes_the_heads_refuse(monkeypatch):
     for sp in (1, 2):
         latent = 1 + (frames[sp] - 1) // 4
         gib = [
-            longest_clip._gib_per_gpu(cfg, ModelConfig(), encoders, "full", sp, n)
+            capacity._gib_per_gpu(cfg, ModelConfig(), encoders, "full", sp, n)
             for n in (latent, latent + 1)
         ]
         assert gib[0] < 0.9 * 0.25 <= gib[1], (sp, frames[sp], gib)
